@@ -1,0 +1,143 @@
+"""What a residual network is, as data: the model specification and the named variants.
+
+Every choice the paper ablates is a field here, checked up front against a table of valid names, so a
+typo fails with the list of choices before any module is built.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Activation placements of Fig. 4 (a)-(e).
+UNITS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
+# Shortcut types of Fig. 2 (a)-(f).
+SHORTCUTS = ("identity", "scale", "exclusive_gate", "shortcut_gate", "conv1x1", "dropout")
+BLOCKS = ("basic", "bottleneck")
+# Depths named by the papers, with the block they used: He et al. 2015 (basic) and 2016 (bottleneck).
+PAPER_DEPTHS = {20: "basic", 32: "basic", 44: "basic", 56: "basic", 110: "basic", 1202: "basic",
+                164: "bottleneck", 1001: "bottleneck"}
+# Convolutions per unit and the depth formula's multiplier: basic 6n+2, bottleneck 9n+2.
+LAYERS_PER_UNIT = {"basic": 2, "bottleneck": 3}
+# Input channels, image size and classes per dataset: the stem and classifier follow the data.
+DATASET_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "fashion-mnist": (1, 28, 10),
+                  "synthetic": (3, 32, 10)}
+
+# Fields that only mean something for one shortcut type; setting them elsewhere is a mistake.
+SHORTCUT_FIELDS = {"shortcut_scale": ("scale",), "residual_scale": ("scale",),
+                   "gate_bias": ("exclusive_gate", "shortcut_gate"), "dropout": ("dropout",)}
+
+
+class SpecError(ValueError):
+    """A specification that cannot be built; the message is one line naming the valid choices."""
+
+
+def _choice(field: str, value: str, choices) -> str:
+    if value not in choices:
+        raise SpecError(f"unknown {field} {value!r}; choose one of: {', '.join(map(str, choices))}")
+    return value
+
+
+def units_per_stage(depth: int, block: str) -> int:
+    """n of the depth formula (6n+2 basic, 9n+2 bottleneck), or SpecError when the depth does not fit."""
+    per = 3 * LAYERS_PER_UNIT[block]
+    if depth < per + 2 or (depth - 2) % per:
+        raise SpecError(f"depth {depth} does not fit block {block!r}: it must be {per}n+2 with n >= 1 "
+                        f"(e.g. {', '.join(str(d) for d, b in PAPER_DEPTHS.items() if b == block)})")
+    return (depth - 2) // per
+
+
+class ModelSpec(BaseModel):
+    """One residual network: any placement × any shortcut × either block, at any fitting depth."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    depth: int = Field(ge=8, le=5000)
+    block: Literal["basic", "bottleneck"] | None = None
+    width: int = Field(16, ge=1, le=1024, description="stem width; stages are width × 1, 2, 4")
+    unit: str = "original"
+    shortcut: str = "identity"
+    shortcut_scale: float = Field(1.0, ge=0.0, le=4.0, description="λ on h(x) (Fig. 2b)")
+    residual_scale: float = Field(1.0, ge=0.0, le=4.0, description="scale on F (Fig. 2b)")
+    gate_bias: float = Field(0.0, ge=-30.0, le=30.0, description="initial b_g of g(x)=σ(W_g x + b_g)")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="drop ratio on the shortcut (Fig. 2f)")
+    downsample: Literal["A", "B"] | None = None
+    in_channels: int = Field(3, ge=1, le=64)
+    num_classes: int = Field(10, ge=2, le=100000)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "ModelSpec":
+        _choice("unit", self.unit, UNITS)
+        _choice("shortcut", self.shortcut, SHORTCUTS)
+        block = self.block
+        if block is None:
+            if self.depth not in PAPER_DEPTHS:
+                raise SpecError(f"depth {self.depth} is not one the papers name "
+                                f"({', '.join(map(str, PAPER_DEPTHS))}): say block 'basic' or 'bottleneck'")
+            block = PAPER_DEPTHS[self.depth]
+        units_per_stage(self.depth, block)
+        for field, shortcuts in SHORTCUT_FIELDS.items():
+            if field in self.model_fields_set and self.shortcut not in shortcuts:
+                raise SpecError(f"{field} applies only to shortcut {' or '.join(shortcuts)}, "
+                                f"not {self.shortcut!r}")
+        # Frozen model: resolved defaults are written through object.__setattr__ once, here.
+        object.__setattr__(self, "block", block)
+        if self.downsample is None:
+            # A for basic (the original CIFAR ResNets), B for bottleneck (the pre-activation reference code).
+            object.__setattr__(self, "downsample", "A" if block == "basic" else "B")
+        return self
+
+    @property
+    def n(self) -> int:
+        return units_per_stage(self.depth, self.block)
+
+    @property
+    def preact(self) -> bool:
+        return self.unit in ("relu_only_preact", "full_preact")
+
+
+def make_spec(**fields: Any) -> ModelSpec:
+    """ModelSpec from loose input, with pydantic's errors turned into one SpecError line."""
+    try:
+        return ModelSpec(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, SpecError):
+            raise ctx_error from None
+        where = ".".join(str(p) for p in err["loc"]) or "model"
+        raise SpecError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+# Named variants: the paper's figures as a few lines of data each. A grid names these or writes its own.
+VARIANTS: dict[str, dict[str, Any]] = {
+    # Fig. 4 / Table 2: activation placements, identity shortcut.
+    "original": dict(unit="original"),
+    "bn_after_add": dict(unit="bn_after_add"),
+    "relu_before_add": dict(unit="relu_before_add"),
+    "relu_only_preact": dict(unit="relu_only_preact"),
+    "full_preact": dict(unit="full_preact"),
+    # Fig. 2 / Table 1: shortcuts on the original unit.
+    "scale-0": dict(shortcut="scale", shortcut_scale=0.0, residual_scale=1.0),
+    "scale-0.5": dict(shortcut="scale", shortcut_scale=0.5, residual_scale=1.0),
+    "scale-0.5-0.5": dict(shortcut="scale", shortcut_scale=0.5, residual_scale=0.5),
+    "exclusive_gate-b0": dict(shortcut="exclusive_gate", gate_bias=0.0),
+    "exclusive_gate-b-6": dict(shortcut="exclusive_gate", gate_bias=-6.0),
+    "exclusive_gate-b-7": dict(shortcut="exclusive_gate", gate_bias=-7.0),
+    "shortcut_gate-b0": dict(shortcut="shortcut_gate", gate_bias=0.0),
+    "shortcut_gate-b-6": dict(shortcut="shortcut_gate", gate_bias=-6.0),
+    "conv1x1": dict(shortcut="conv1x1"),
+    "dropout-0.5": dict(shortcut="dropout", dropout=0.5),
+}
+FIGURES = {"original": "Fig. 2(a) / 4(a)", "bn_after_add": "Fig. 4(b)", "relu_before_add": "Fig. 4(c)",
+           "relu_only_preact": "Fig. 4(d)", "full_preact": "Fig. 4(e)", "scale-0": "Fig. 2(b)",
+           "scale-0.5": "Fig. 2(b)", "scale-0.5-0.5": "Fig. 2(b)", "exclusive_gate-b0": "Fig. 2(c)",
+           "exclusive_gate-b-6": "Fig. 2(c)", "exclusive_gate-b-7": "Fig. 2(c)",
+           "shortcut_gate-b0": "Fig. 2(d)", "shortcut_gate-b-6": "Fig. 2(d)", "conv1x1": "Fig. 2(e)",
+           "dropout-0.5": "Fig. 2(f)"}
+MODEL_FIELDS = tuple(name for name in ModelSpec.model_fields if name not in ("depth",))
+
+
+def variant_fields(name: str) -> dict[str, Any]:
+    """The model fields of a catalogue variant, or SpecError listing the catalogue."""
+    return dict(VARIANTS[_choice("variant", name, VARIANTS)])

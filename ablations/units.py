@@ -1,0 +1,182 @@
+"""Residual units built from data: an activation placement (Fig. 4) times a shortcut (Fig. 2).
+
+A placement is a token pattern around each convolution of the residual branch F and after the addition;
+one ResidualUnit class reads it, for the basic (3×3, 3×3) and bottleneck (1×1, 3×3, 1×1) blocks alike.
+Shortcuts differ in structure only twice: a plain path h(x) = λ·P(x) and a gated one; each is one class.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Tokens around each convolution of F (`layer`, the last one `last`) and after the addition."""
+    layer: tuple[str, ...]
+    last: tuple[str, ...]
+    after_add: tuple[str, ...] = ()
+
+    @property
+    def leading(self) -> tuple[str, ...]:
+        """The activation before the first convolution (pre-activation units), possibly empty."""
+        return self.layer[: self.layer.index("conv")]
+
+
+PLACEMENTS = {
+    "original": Placement(("conv", "bn", "relu"), ("conv", "bn"), ("relu",)),          # (a)
+    "bn_after_add": Placement(("conv", "bn", "relu"), ("conv",), ("bn", "relu")),      # (b)
+    "relu_before_add": Placement(("conv", "bn", "relu"), ("conv", "bn", "relu")),      # (c)
+    "relu_only_preact": Placement(("relu", "conv", "bn"), ("relu", "conv", "bn")),     # (d)
+    "full_preact": Placement(("bn", "relu", "conv"), ("bn", "relu", "conv")),          # (e)
+}
+
+
+def he_init(conv: nn.Conv2d) -> None:
+    """N(0, 2/(k·k·out)), no bias: the reference code's ConvInit (bias removed under cuDNN ≥ 4)."""
+    k = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / k))
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    layer = nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2, bias=bias)
+    he_init(layer)
+    return layer
+
+
+def tokens_to_modules(tokens: tuple[str, ...], channels: int) -> list[nn.Module]:
+    """Activation tokens (no convolutions) as modules acting on `channels` channels."""
+    return [nn.BatchNorm2d(channels) if t == "bn" else nn.ReLU(inplace=False) for t in tokens]
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A: the identity, subsampled by the stride and zero-padded to the new width (no parameters)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.stride, self.extra = stride, out_ch - in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
+
+
+def projection(in_ch: int, out_ch: int, stride: int, spec: ModelSpec) -> nn.Module:
+    """The path P(x) before any scaling or gating: identity, option A, or a 1×1 convolution.
+
+    The 1×1 projection carries BN in the post-activation units (fb.resnet.torch resnet.lua) and none in
+    pre-activation units, where the next unit normalises the sum (resnet-pre-act.lua).
+    """
+    shape_changes = stride != 1 or in_ch != out_ch
+    if spec.shortcut == "conv1x1" or (shape_changes and spec.downsample == "B"):
+        layers: list[nn.Module] = [conv(in_ch, out_ch, 1, stride)]
+        if not spec.preact:
+            layers.append(nn.BatchNorm2d(out_ch))
+        return nn.Sequential(*layers)
+    if shape_changes:
+        if out_ch < in_ch:
+            raise ValueError("option A cannot narrow the shortcut")
+        return ZeroPadShortcut(in_ch, out_ch, stride)
+    return nn.Identity()
+
+
+class PlainShortcut(nn.Module):
+    """y = λ·D(P(x)) + μ·F(x): identity (λ=μ=1), constant scaling, 1×1 conv, dropout (D)."""
+
+    def __init__(self, path: nn.Module, scale: float = 1.0, residual_scale: float = 1.0, dropout: float = 0.0):
+        super().__init__()
+        self.path, self.scale, self.residual_scale, self.dropout = path, scale, residual_scale, dropout
+
+    def forward(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        h = self.path(x)
+        if self.dropout:
+            # Inverted dropout: identity at evaluation; in training each element is 0 or x/(1-p).
+            h = F.dropout(h, self.dropout, self.training)
+        if self.scale != 1.0:
+            h = h * self.scale
+        return h + (f * self.residual_scale if self.residual_scale != 1.0 else f)
+
+    def analytic_gain(self) -> float | None:
+        """h'(x) when it is a constant (identity and scaling without a projection), else None."""
+        if self.dropout or any(p.requires_grad for p in self.path.parameters()):
+            return None
+        return self.scale
+
+
+class GatedShortcut(nn.Module):
+    """g(x) = σ(W_g x + b_g), a 1×1 convolution and a sigmoid; y = (1−g)·P(x) + (g·F or F)."""
+
+    def __init__(self, path: nn.Module, in_ch: int, out_ch: int, stride: int, gate_bias: float, exclusive: bool):
+        super().__init__()
+        self.path, self.exclusive, self.gate_bias = path, exclusive, gate_bias
+        self.gate = conv(in_ch, out_ch, 1, stride, bias=True)
+        self.init_gate()
+
+    def init_gate(self) -> None:
+        # Table 1: b_g initialised at 0 … −7; a very negative bias starts the unit near the identity.
+        nn.init.constant_(self.gate.bias, self.gate_bias)
+
+    def forward(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(x))
+        return (1.0 - g) * self.path(x) + (g * f if self.exclusive else f)
+
+    def analytic_gain(self) -> None:
+        return None
+
+
+def make_shortcut(in_ch: int, out_ch: int, stride: int, spec: ModelSpec) -> nn.Module:
+    path = projection(in_ch, out_ch, stride, spec)
+    if spec.shortcut in ("exclusive_gate", "shortcut_gate"):
+        return GatedShortcut(path, in_ch, out_ch, stride, spec.gate_bias, spec.shortcut == "exclusive_gate")
+    if spec.shortcut == "scale":
+        return PlainShortcut(path, spec.shortcut_scale, spec.residual_scale)
+    return PlainShortcut(path, dropout=spec.dropout if spec.shortcut == "dropout" else 0.0)
+
+
+# Block structure: kernel sizes of F and the width of its inner layers relative to the unit's output.
+BLOCK_KERNELS = {"basic": (3, 3), "bottleneck": (1, 3, 1)}
+EXPANSION = {"basic": 1, "bottleneck": 4}
+
+
+class ResidualUnit(nn.Module):
+    """x_{l+1} = f(h(x_l) + F(x_l)), with F, h and f read from the placement and the shortcut spec.
+
+    One signature for every unit (in_ch, out_ch, stride, spec, first). `shared` holds the leading
+    activation when it is applied before the split, feeding both paths: in the network's first unit
+    (the activation right after conv1) and in every unit that changes shape, as in the reference code.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, spec: ModelSpec, first: bool = False):
+        super().__init__()
+        placement = PLACEMENTS[spec.unit]
+        kernels = BLOCK_KERNELS[spec.block]
+        mid = out_ch // EXPANSION[spec.block]
+        share = bool(placement.leading) and (first or stride != 1 or in_ch != out_ch)
+        self.shared = nn.Sequential(*tokens_to_modules(placement.leading, in_ch)) if share else nn.Identity()
+        widths = [mid] * (len(kernels) - 1) + [out_ch]
+        layers: list[nn.Module] = []
+        channels = in_ch
+        for i, (kernel, width) in enumerate(zip(kernels, widths)):
+            tokens = placement.last if i == len(kernels) - 1 else placement.layer
+            if i == 0 and share:
+                tokens = tokens[len(placement.leading):]
+            # The stride sits on F's first convolution (resnet-pre-act.lua; the basic block has no choice).
+            at = tokens.index("conv")
+            layers += tokens_to_modules(tokens[:at], channels)
+            layers.append(conv(channels, width, kernel, stride if i == 0 else 1))
+            channels = width
+            layers += tokens_to_modules(tokens[at + 1:], channels)
+        self.branch = nn.Sequential(*layers)
+        self.shortcut = make_shortcut(in_ch, out_ch, stride, spec)
+        self.after_add = nn.Sequential(*tokens_to_modules(placement.after_add, out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shared(x)
+        return self.after_add(self.shortcut(x, self.branch(x)))
