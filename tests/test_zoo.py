@@ -1,0 +1,246 @@
+"""The residual-unit zoo: every placement × shortcut × block builds and trains, and matches the papers."""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ablations import (SHORTCUTS, UNITS, VARIANTS, SpecError, build_model, count_macs, count_params, make_spec,
+                       probe_propagation)
+from ablations.units import GatedShortcut, ResidualUnit
+
+# n = 1: the smallest network of each block, narrow so the whole catalogue runs in seconds.
+SMALLEST = {"basic": 8, "bottleneck": 11}
+SHORTCUT_EXTRAS = {"scale": dict(shortcut_scale=0.5, residual_scale=0.5), "exclusive_gate": dict(gate_bias=-2.0),
+                   "shortcut_gate": dict(gate_bias=-2.0), "dropout": dict(dropout=0.5)}
+
+
+@pytest.mark.parametrize("block,downsample", [("basic", "A"), ("basic", "B"), ("bottleneck", "A"), ("bottleneck", "B")])
+@pytest.mark.parametrize("unit,shortcut", list(itertools.product(UNITS, SHORTCUTS)))
+def test_every_combination_builds_and_trains_one_step(unit, shortcut, block, downsample):
+    torch.manual_seed(0)
+    model = build_model(depth=SMALLEST[block], block=block, downsample=downsample, width=4, unit=unit,
+                        shortcut=shortcut, **SHORTCUT_EXTRAS.get(shortcut, {}))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = copy.deepcopy(model.state_dict())
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
+    opt.step()
+    changed = [k for k, v in model.state_dict().items() if k in dict(model.named_parameters())
+               and not torch.equal(v, before[k])]
+    assert len(changed) == len(list(model.parameters()))
+    assert model.eval()(x).shape == (4, 10)
+
+
+@pytest.mark.parametrize("dataset_shape", [(1, 28, 10), (3, 32, 100)])
+@pytest.mark.parametrize("unit", ["original", "full_preact"])
+def test_stem_follows_channels_and_head_follows_classes(dataset_shape, unit):
+    channels, size, classes = dataset_shape
+    model = build_model(depth=8, block="basic", width=4, unit=unit, in_channels=channels, num_classes=classes)
+    assert model.stem[0].in_channels == channels
+    assert model(torch.randn(2, channels, size, size)).shape == (2, classes)
+
+
+# --- exact parameter counts, derived from the reference code's structure ------------------------------
+def basic_option_a_params(n: int, w: int = 16, c: int = 3, classes: int = 10) -> int:
+    """Original CIFAR ResNet (He et al. 2015; fb.resnet.torch resnet.lua, shortcutType A): conv3×3 c→w with
+    BN; per unit two bias-free 3×3 convs, each followed by BN (2 params a channel); option A adds no
+    parameters; the linear layer has a bias."""
+    total = 9 * c * w + 2 * w
+    for stage in range(3):
+        out = w * 2 ** stage
+        inp = out if stage == 0 else out // 2
+        first = 9 * inp * out + 9 * out * out + 4 * out
+        rest = 18 * out * out + 4 * out
+        total += first + (n - 1) * rest
+    return total + 4 * w * classes + classes
+
+
+def preact_bottleneck_params(n: int, c: int = 3, classes: int = 10) -> int:
+    """resnet-pre-act.lua: conv3×3 3→16 without BN; stages of n units with outputs 64/128/256 (inner 16/32/64).
+    A same-shape unit: BN(in), 1×1 in→b, BN(b), 3×3 b→b, BN(b), 1×1 b→4b. A shape-changing unit: one
+    shared BN(in), the same convolutions, and a bias-free 1×1 in→4b projection. Then BN(256) and a
+    linear layer with bias. Convolutions have no bias (removed under cuDNN ≥ 4)."""
+    total = 9 * c * 16
+    inp = 16
+    for b in (16, 32, 64):
+        out = 4 * b
+        convs = inp * b + 9 * b * b + b * out
+        first = 2 * inp + convs + 4 * b + inp * out
+        same = 2 * out + (out * b + 9 * b * b + b * out) + 4 * b
+        total += first + (n - 1) * same
+        inp = out
+    return total + 2 * 256 + 256 * classes + classes
+
+
+@pytest.mark.parametrize("depth,expected", [(20, 269_722), (56, 853_018), (110, 1_727_962)])
+def test_original_resnet_option_a_params(depth, expected):
+    n = (depth - 2) // 6
+    assert basic_option_a_params(n) == expected
+    assert count_params(build_model(depth=depth, unit="original", downsample="A")) == expected
+
+
+@pytest.mark.parametrize("depth,expected", [(164, 1_703_258), (1001, 10_327_706)])
+def test_preact_bottleneck_params(depth, expected):
+    n = (depth - 2) // 9
+    assert preact_bottleneck_params(n) == expected
+    assert count_params(build_model(depth=depth, unit="full_preact")) == expected
+
+
+def test_fashion_mnist_stem_and_cifar100_head_counts():
+    model = build_model(depth=20, in_channels=1, num_classes=100)
+    assert count_params(model) == basic_option_a_params(3, c=1, classes=100)
+
+
+def test_macs_of_resnet20():
+    # stem 32·32·16·27; stage 1: 3 units × 2 convs × 32·32·16·16·9; stages 2 and 3 halve the area and
+    # double the width, their first conv taking the narrower input; the classifier 64·10.
+    stage1 = 3 * 2 * 32 * 32 * 16 * 16 * 9
+    later = (16 * 16 * 32 * 16 * 9 + 5 * 16 * 16 * 32 * 32 * 9) + (8 * 8 * 64 * 32 * 9 + 5 * 8 * 8 * 64 * 64 * 9)
+    assert count_macs(build_model(depth=20), 32) == 32 * 32 * 16 * 27 + stage1 + later + 640
+
+
+# --- structure the paper specifies ----------------------------------------------------------------------
+def test_eqn4_forward_is_a_sum_of_residuals_for_full_preact_identity():
+    """x_L = x_l + Σ F(x_i) (Eqn. 4) across the same-shape units of stage 1."""
+    torch.manual_seed(0)
+    model = build_model(depth=20, unit="full_preact").train()
+    units = list(model.units)[:3]
+    inputs, residuals = [], []
+    hooks = [u.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for u in units]
+    hooks += [u.branch.register_forward_hook(lambda m, a, out: residuals.append(out)) for u in units]
+    outputs = []
+    hooks.append(units[2].register_forward_hook(lambda m, a, out: outputs.append(out)))
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    x_l, x_L = inputs[1], outputs[0]
+    torch.testing.assert_close(x_L, x_l + residuals[1] + residuals[2], rtol=0, atol=1e-5)
+
+
+def test_preact_first_unit_and_head_activation():
+    model = build_model(depth=20, unit="full_preact")
+    first = model.units[0]
+    assert [type(m).__name__ for m in first.shared] == ["BatchNorm2d", "ReLU"]  # activation after conv1
+    assert len(model.stem) == 1  # bare conv1: no BN-ReLU of its own
+    assert not isinstance(model.units[1].shared, torch.nn.Sequential)
+    assert [type(m).__name__ for m in model.head] == ["BatchNorm2d", "ReLU"]  # the extra BN-ReLU
+    # A shape-changing unit shares its BN-ReLU between both paths (the reference code's layout).
+    assert [type(m).__name__ for m in model.units[3].shared] == ["BatchNorm2d", "ReLU"]
+    assert len(build_model(depth=20).head) == 0
+
+
+def test_original_unit_tokens():
+    unit = build_model(depth=8, block="basic", width=4).units[0]
+    assert [type(m).__name__ for m in unit.branch] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d"]
+    assert [type(m).__name__ for m in unit.after_add] == ["ReLU"]
+
+
+def test_bottleneck_stride_on_first_1x1():
+    unit = build_model(depth=11, block="bottleneck", width=4, unit="full_preact").units[1]
+    convs = [m for m in unit.branch if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size[0] for c in convs] == [1, 3, 1] and convs[0].stride == (2, 2)
+
+
+def test_dropout_shortcut_is_identity_in_eval_only():
+    torch.manual_seed(0)
+    dropped = build_model(depth=8, block="basic", width=4, shortcut="dropout", dropout=0.5)
+    plain = build_model(depth=8, block="basic", width=4)
+    plain.load_state_dict(dropped.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(dropped.eval()(x), plain.eval()(x))
+    dropped.train()
+    torch.manual_seed(1)
+    a = dropped(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, dropped(x))
+
+
+@pytest.mark.parametrize("bias", [0.0, -6.0, -7.0])
+def test_gate_bias_initialisation(bias):
+    model = build_model(depth=8, block="basic", width=4, shortcut="exclusive_gate", gate_bias=bias)
+    gates = [u.shortcut for u in model.units]
+    assert all(isinstance(g, GatedShortcut) for g in gates)
+    for g in gates:
+        assert torch.all(g.gate.bias == bias)
+    result = probe_propagation(model, torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    if bias <= -6:
+        assert all(u["gate_mean"] > 0.97 for u in result["units"])  # 1 − g ≈ 1: the shortcut passes
+
+
+def test_scale_shortcut_multiplies_both_paths():
+    torch.manual_seed(0)
+    scaled = build_model(depth=8, block="basic", width=4, shortcut="scale", shortcut_scale=0.5, residual_scale=0.25).units[0]
+    x = torch.randn(2, 4, 32, 32)
+    f = scaled.branch(x)
+    torch.testing.assert_close(scaled.shortcut(x, f), 0.5 * x + 0.25 * f)
+
+
+# --- the probe ------------------------------------------------------------------------------------------
+def test_probe_matches_autograd_and_leaves_model_untouched():
+    torch.manual_seed(0)
+    model = build_model(depth=20, width=8).eval()
+    state = copy.deepcopy(model.state_dict())
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    result = probe_propagation(model, x, y)
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # Independent computation of ‖∂E/∂x_1‖ and ‖∂E/∂x_L‖ on a copy in training mode.
+    twin = copy.deepcopy(model).train()
+    x1 = twin.stem(x)
+    x1.retain_grad()
+    xL = twin.units(x1)
+    xL.retain_grad()
+    F.cross_entropy(twin.fc(torch.flatten(twin.pool(twin.head(xL)), 1)), y).backward()
+    assert result["units"][0]["grad_norm"] == pytest.approx(float(x1.grad.norm()), rel=1e-5)
+    assert result["grad_ratio_first_last"] == pytest.approx(float(x1.grad.norm() / xL.grad.norm()), rel=1e-5)
+    assert [u["stage"] for u in result["units"]] == [1] * 3 + [2] * 3 + [3] * 3
+
+
+@pytest.mark.parametrize("variant,factor", [("original", 1.0), ("scale-0.5", 0.5 ** 9), ("scale-0", 0.0),
+                                            ("conv1x1", None), ("exclusive_gate-b-6", None), ("dropout-0.5", None)])
+def test_probe_analytic_shortcut_factor(variant, factor):
+    model = build_model(variant=variant, depth=20, width=4)
+    result = probe_propagation(model, torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert result["shortcut_factor"] == (None if factor is None else pytest.approx(factor))
+    assert math.isfinite(result["loss"])
+
+
+# --- specs and their errors ------------------------------------------------------------------------------
+@pytest.mark.parametrize("fields,needle", [
+    (dict(depth=20, unit="preact"), "choose one of: original, bn_after_add"),
+    (dict(depth=20, shortcut="gate"), "exclusive_gate"),
+    (dict(depth=21, block="basic"), "6n+2"),
+    (dict(depth=22, block="bottleneck"), "9n+2"),
+    (dict(depth=26), "say block"),
+    (dict(depth=20, shortcut="dropout", dropout=1.0), "less than 1"),
+    (dict(depth=20, shortcut="scale", shortcut_scale=-1), "greater than or equal to 0"),
+    (dict(depth=20, gate_bias=-6), "gate_bias applies only to shortcut exclusive_gate or shortcut_gate"),
+    (dict(depth=20, colour="red"), "colour"),
+])
+def test_bad_specs_name_the_problem(fields, needle):
+    with pytest.raises(SpecError, match=None) as info:
+        make_spec(**fields)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_defaults_follow_the_papers():
+    assert make_spec(depth=110).block == "basic" and make_spec(depth=110).downsample == "A"
+    assert make_spec(depth=164).block == "bottleneck" and make_spec(depth=164).downsample == "B"
+    assert make_spec(depth=29, block="bottleneck").n == 3
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_catalogue_variants_build(name):
+    model = build_model(variant=name, depth=8, block="basic", width=4)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert all(isinstance(u, ResidualUnit) for u in model.units)
