@@ -77,7 +77,9 @@ class ModelSpec(BaseModel):
             block = PAPER_DEPTHS[self.depth]
         units_per_stage(self.depth, block)
         for field, shortcuts in SHORTCUT_FIELDS.items():
-            if field in self.model_fields_set and self.shortcut not in shortcuts:
+            # Only a non-default value is a mistake: a dumped spec carries every field.
+            changed = getattr(self, field) != type(self).model_fields[field].default
+            if field in self.model_fields_set and changed and self.shortcut not in shortcuts:
                 raise SpecError(f"{field} applies only to shortcut {' or '.join(shortcuts)}, "
                                 f"not {self.shortcut!r}")
         # Frozen model: resolved defaults are written through object.__setattr__ once, here.

@@ -1,0 +1,87 @@
+"""Checkpoints written atomically and read defensively.
+
+A checkpoint is one file `ckpt-<iteration>.pt` holding the model, the optimizer, the iteration, the
+metric accumulators and history, and the resolved trial configuration. Writes go to a temporary file
+that is fsynced and renamed, so a crash at any instant leaves either the old or the new file whole.
+Loading uses `torch.load(weights_only=True)` (no code runs from a checkpoint); a corrupt or truncated
+file is skipped with a warning in favour of the previous one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+KEEP = 2  # the newest two: one can be mid-write when the process dies, the other is whole
+_NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder cannot be used (unwritable, or it belongs to another trial)."""
+
+
+def prepare_dir(path: str | os.PathLike) -> Path:
+    """Create the folder and prove it is writable before any training time is spent."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint folder {folder} is not writable: {exc.strerror or exc}") from None
+    return folder
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(folder: Path, iteration: int, state: dict[str, Any]) -> Path:
+    final = folder / f"ckpt-{iteration:09d}.pt"
+    tmp = folder / f".ckpt-{iteration:09d}.pt.tmp"
+    with open(tmp, "wb") as fh:
+        torch.save({**state, "iteration": iteration}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    for old in checkpoints(folder)[KEEP:]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint files, newest first."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), reverse=True)
+
+
+def load_latest(folder: Path, config: dict[str, Any], device: torch.device) -> dict[str, Any] | None:
+    """The newest readable checkpoint of this configuration, or None to start from scratch."""
+    found = checkpoints(folder)
+    for path in found:
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+            if not isinstance(state, dict) or not {"model", "optimizer", "iteration", "config"} <= set(state):
+                raise ValueError("missing fields")
+        except Exception as exc:  # any unreadable file: fall back, never load half a state
+            warnings.warn(f"skipping unreadable checkpoint {path.name} (corrupt or truncated: "
+                          f"{type(exc).__name__}); trying an older one", stacklevel=2)
+            continue
+        if state["config"] != config:
+            raise CheckpointError(f"checkpoint folder {folder} holds another trial's checkpoints "
+                                  f"({path.name}); use a fresh folder for this configuration")
+        return state
+    if found:
+        warnings.warn(f"no readable checkpoint in {folder}: starting from iteration 0", stacklevel=2)
+    return None
