@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from ablations.spec import BLOCKS, DATASET_SHAPES, SHORTCUTS, UNITS, VARIANTS
@@ -20,8 +21,10 @@ class UsageError(ValueError):
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
     """Every error class that means 'the user asked for something invalid' (exit 2, one line)."""
+    from pydantic import ValidationError
     from ablations.spec import SpecError
-    types: list[type[BaseException]] = [UsageError, SpecError]
+    from .grids import GridError
+    types: list[type[BaseException]] = [UsageError, SpecError, ValidationError, GridError]
     try:
         from workers.data import DataError
         types.append(DataError)
@@ -33,6 +36,17 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(types)
+
+
+def one_line(exc: BaseException) -> str:
+    """The reason for a bad input, in one line (pydantic's errors name the field and the value)."""
+    from pydantic import ValidationError
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']} (got {err.get('input')!r})"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------- options
@@ -105,12 +119,146 @@ def cmd_probe(args: argparse.Namespace) -> Any:
     return {**spec.model_dump(), "dataset": args.dataset, "seed": args.seed, **probe_propagation(model, x, y)}
 
 
+def recipe_overrides(args: argparse.Namespace):
+    """The recipe named by --recipe with --set FIELD=VALUE on top, and --iterations rescaling it."""
+    from workers.recipes import parse_override, resolve_recipe
+    recipe = resolve_recipe(args.recipe, dict(parse_override(item) for item in args.set))
+    return recipe.with_iterations(args.iterations) if args.iterations else recipe
+
+
+def cmd_train(args: argparse.Namespace) -> Any:
+    from workers.checkpoint import CheckpointError
+    from workers.sinks import JsonLinesSink
+    from workers.trainer import run_trial, trial_config
+    if args.iterations is not None and args.iterations < 1:
+        raise UsageError(f"--iterations must be positive, got {args.iterations}")
+    fields = {k: v for k, v in model_fields(args).items() if k not in ("in_channels", "num_classes")}
+    config = trial_config(fields, args.dataset, recipe_overrides(args), args.seed, subset=args.subset)
+    try:
+        result = run_trial(config, checkpoint_dir=args.checkpoint_dir, sink=JsonLinesSink(sys.stderr),
+                           threads=args.threads, device=args.device)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    return {k: v for k, v in result.items() if k != "history"}
+
+
+def _store():
+    from .state import StateStore
+    return StateStore()
+
+
+def _find_grid(store, ref: str):
+    row = store.find_grid(ref)
+    if row is None:
+        raise UsageError(f"no grid {ref!r} in {store.url}; `ablate status` lists the grids")
+    return row
+
+
+def results_rows(store, grid_id: str) -> list[dict[str, Any]]:
+    """One row per trial of the grid: labels, state and the metrics the tables use."""
+    rows = []
+    for t in store.grid_trials(grid_id):
+        result = t["result"] or {}
+        rows.append({"dataset": t["dataset"], "depth": t["depth"], "variant": t["variant"], "seed": t["seed"],
+                     "status": t["status"], "test_error": t["test_error"], "train_loss": t["train_loss"],
+                     "train_error": result.get("train_error")})
+    return rows
+
+
+def comparison(store, grid_id: str, metric: str = "test_error", baseline: str | None = None) -> dict[str, Any]:
+    import json as _json
+    from dashboards.stats import compare, summary
+    from .grids import parse_grid
+    spec = parse_grid(_json.loads(store.grid(grid_id).spec))
+    base = baseline or spec.baseline_name
+    if base not in spec.variant_names():
+        raise UsageError(f"baseline {base!r} is not a variant of this grid: {', '.join(spec.variant_names())}")
+    rows = compare(results_rows(store, grid_id), baseline=base, metric=metric, variant_order=spec.variant_names())
+    return {"grid": grid_id, "metric": metric, "rows": rows, "summary": summary(rows)}
+
+
+def cmd_run(args: argparse.Namespace) -> Any:
+    from .grids import load_grid
+    from .scheduler import GridInterrupted, GridRunner
+    from .tracking import ui_command
+    spec = load_grid(args.grid)
+    store = _store()
+    try:
+        out = GridRunner(store=store, progress=True).run(spec)
+    except GridInterrupted as exc:
+        print(f"interrupted: the grid stays resumable; run `ablate run {args.grid}` again", file=sys.stderr)
+        raise SystemExit(130) from exc
+    out["comparison"] = comparison(store, out["grid"])
+    print(f"MLflow: {ui_command(out['tracking_uri'])}", file=sys.stderr)
+    out["exit_code"] = 1 if out["counts"]["error"] else 0
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> Any:
+    store = _store()
+    if args.grid is None:
+        return {"grids": [{"id": g.id, "name": g.name, "cancelled": g.cancelled, **store.counts(g.id)}
+                          for g in store.grids()]}
+    row = _find_grid(store, args.grid)
+    return {"grid": row.id, "name": row.name, "cancelled": row.cancelled, **store.counts(row.id)}
+
+
+def cmd_cancel(args: argparse.Namespace) -> Any:
+    store = _store()
+    row = _find_grid(store, args.grid)
+    return {"grid": row.id, "cancelled_queued": store.cancel_grid(row.id), **store.counts(row.id)}
+
+
+def cmd_grids(args: argparse.Namespace) -> Any:
+    from ablations.paper import GRIDS
+    from .grids import expand_grid, load_grid
+    out = []
+    for name in GRIDS:
+        spec = load_grid(name)
+        out.append({"name": name, "dataset": spec.dataset, "depths": spec.depths, "variants": spec.variant_names(),
+                    "seeds": len(spec.seed_list), "recipe": spec.recipe, "trials": len(expand_grid(spec))})
+    return {"grids": out}
+
+
+def cmd_compare(args: argparse.Namespace) -> Any:
+    from dashboards.tables import FORMATS, render
+    if args.format not in FORMATS:
+        raise UsageError(f"unknown format {args.format!r}; choose one of: {', '.join(FORMATS)}")
+    store = _store()
+    doc = comparison(store, _find_grid(store, args.grid).id, args.metric, args.baseline)
+    if args.format == "parquet" and not args.output:
+        raise UsageError("--format parquet needs -o FILE")
+    if args.json or args.format == "json":
+        if args.output:
+            Path(args.output).write_text(json.dumps(doc, indent=1))
+        return doc
+    rendered = render(doc, args.format)
+    if args.output:
+        Path(args.output).write_bytes(rendered if isinstance(rendered, bytes) else rendered.encode())
+        return {"written": args.output}
+    return Rendered(rendered)
+
+
+class Rendered(str):
+    """Already formatted output: printed as it is."""
+
+
 # ----------------------------------------------------------------------------------------------- printing
 def print_human(name: str, result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
     console = Console()
-    if name == "models" and "variants" in result:
+    if isinstance(result, Rendered):
+        sys.stdout.write(result if result.endswith("\n") else result + "\n")
+    elif name == "run":
+        from dashboards.tables import render
+        console.print(render(result["comparison"], "table"), highlight=False)
+        console.print(f"grid {result['grid']}: {result['trials']} trials, {result['executed']} trained now, "
+                      f"{result['reused']} reused; {result['counts']}", highlight=False)
+    elif name in ("status", "grids") and ("grids" in result):
+        for g in result["grids"]:
+            console.print(g, highlight=False)
+    elif name == "models" and "variants" in result:
         table = Table(title="Variant catalogue (use a name in a grid, or --variant)")
         for col in ("name", "figure", "fields"):
             table.add_column(col)
@@ -140,7 +288,9 @@ def print_human(name: str, result: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- parser
-COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {"models": cmd_models, "probe": cmd_probe}
+COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "models": cmd_models, "probe": cmd_probe, "train": cmd_train, "run": cmd_run, "status": cmd_status,
+    "cancel": cmd_cancel, "grids": cmd_grids, "compare": cmd_compare}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +307,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p, depth_required=True)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+
+    p = command("train", "one trial inline, no Ray; resumes from --checkpoint-dir when it holds a checkpoint")
+    add_model_options(p, depth_required=True)
+    p.add_argument("--subset", type=int, help="first N training examples")
+    p.add_argument("--recipe", default="mini-cpu", help="bundled recipe: paper-cifar, mini-cpu, smoke")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="recipe override")
+    p.add_argument("--iterations", type=int, help="train for K iterations, the schedule rescaled to fit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from the newest")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+
+    p = command("run", "run a grid to completion on RAY_ADDRESS or a local Ray; the same command resumes")
+    p.add_argument("grid", help="a grid file (YAML or JSON) or a bundled grid name (`ablate grids`)")
+    p = command("status", "trial counts per state, for one grid or all")
+    p.add_argument("grid", nargs="?", help="grid id or name (newest grid of that name)")
+    p = command("cancel", "cancel a grid: queued trials are cancelled, running ones stopped")
+    p.add_argument("grid")
+    command("grids", "bundled grids: the paper's Tables 1-3 and CPU-scale versions")
+    p = command("compare", "the comparison table of a grid")
+    p.add_argument("grid")
+    p.add_argument("--metric", default="test_error", choices=("test_error", "train_loss", "train_error"))
+    p.add_argument("--baseline", help="variant to compare against (default: the grid's baseline)")
+    p.add_argument("--format", default="table", help="table, markdown, csv, json, latex, parquet")
+    p.add_argument("-o", "--output", help="write to FILE")
     return parser
 
 
@@ -166,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = COMMANDS[args.command](args)
     except _bad_input_types() as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = one_line(exc)
         if args.json:
             print(json.dumps({"error": message}))
         print(f"ablate {args.command}: error: {message}", file=sys.stderr)
@@ -174,11 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ablate {args.command}: interrupted", file=sys.stderr)
         return 130
+    code = result.pop("exit_code", 0) if isinstance(result, dict) else 0
     if args.json:
         print(json.dumps(result, default=str))
     else:
         print_human(args.command, result)
-    return 0
+    return code
 
 
 if __name__ == "__main__":
