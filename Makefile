@@ -1,0 +1,32 @@
+# `make demo` sets up a fresh machine and runs the main job; `make test` runs the whole suite.
+# Both ensure the environment first and are safe to repeat.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Debian packages: real Fashion-MNIST for the demo and the real-data tests.
+APT_PACKAGES := dataset-fashion-mnist
+
+.PHONY: setup system demo test
+
+setup: system $(VENV)/.installed
+
+system:
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi; \
+	else echo "note: not root or no apt-get; install $(APT_PACKAGES) yourself or set ABLATE_DATA_DIR"; fi
+
+# torch 2.14.1 / torchvision 0.29.1 are what these machines install from local disk.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/ablate models --depth 110
+	$(VENV)/bin/ablate probe --depth 110 --variant scale-0.5 --dataset fashion-mnist
+	$(VENV)/bin/ablate train --dataset fashion-mnist --depth 20 --unit full_preact --recipe mini-cpu
+
+test: setup
+	$(PY) -m pytest -q
