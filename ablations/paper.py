@@ -1,0 +1,79 @@
+"""The paper's own numbers and its tables as bundled grids (He et al. 2016, CIFAR test error %).
+
+All CIFAR numbers in the paper are the median of 5 runs. "fail" (test error above 20%) is kept as the
+string "fail", never as a number, so a table can show it beside a measured value.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# (dataset, depth, variant) → the paper's test error % or "fail".
+PAPER_RESULTS: dict[tuple[str, int, str], float | str] = {
+    # Table 1: ResNet-110 shortcuts on the original unit.
+    ("cifar10", 110, "original"): 6.61,
+    ("cifar10", 110, "scale-0"): "fail",
+    ("cifar10", 110, "scale-0.5"): "fail",
+    ("cifar10", 110, "scale-0.5-0.5"): 12.35,
+    ("cifar10", 110, "exclusive_gate-b0"): "fail",
+    ("cifar10", 110, "exclusive_gate-b-6"): 8.70,
+    ("cifar10", 110, "exclusive_gate-b-7"): 9.81,
+    ("cifar10", 110, "shortcut_gate-b0"): 12.86,
+    ("cifar10", 110, "shortcut_gate-b-6"): 6.91,
+    ("cifar10", 110, "conv1x1"): 12.22,
+    ("cifar10", 110, "dropout-0.5"): "fail",
+    # Table 2: activation placements.
+    ("cifar10", 110, "bn_after_add"): 8.17,
+    ("cifar10", 110, "relu_before_add"): 7.84,
+    ("cifar10", 110, "relu_only_preact"): 6.71,
+    ("cifar10", 110, "full_preact"): 6.37,
+    ("cifar10", 164, "original"): 5.93,
+    ("cifar10", 164, "bn_after_add"): 6.50,
+    ("cifar10", 164, "relu_before_add"): 6.14,
+    ("cifar10", 164, "relu_only_preact"): 5.91,
+    ("cifar10", 164, "full_preact"): 5.46,
+    # Table 3: original vs pre-activation at depth.
+    ("cifar10", 1001, "original"): 7.61,
+    ("cifar10", 1001, "full_preact"): 4.92,
+    ("cifar100", 164, "original"): 25.16,
+    ("cifar100", 164, "full_preact"): 24.33,
+    ("cifar100", 1001, "original"): 27.82,
+    ("cifar100", 1001, "full_preact"): 22.71,
+}
+FAIL_THRESHOLD = 20.0  # the paper's "fail": test error above 20%
+
+
+def paper_value(dataset: str, depth: int, variant: str) -> float | str | None:
+    return PAPER_RESULTS.get((dataset, depth, variant))
+
+
+TABLE1_VARIANTS = ["original", "scale-0", "scale-0.5", "scale-0.5-0.5", "exclusive_gate-b0", "exclusive_gate-b-6",
+                   "exclusive_gate-b-7", "shortcut_gate-b0", "shortcut_gate-b-6", "conv1x1", "dropout-0.5"]
+TABLE2_VARIANTS = ["original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact"]
+
+# Bundled grids: the paper's tables at full scale, and CPU-scale versions on Fashion-MNIST.
+GRIDS: dict[str, dict[str, Any]] = {
+    "table1": dict(name="table1", dataset="cifar10", recipe="paper-cifar", depths=[110], variants=TABLE1_VARIANTS,
+                   seeds=5, baseline="original", resources={"cpu": 4, "gpu": 0.25}),
+    "table2": dict(name="table2", dataset="cifar10", recipe="paper-cifar", depths=[110, 164],
+                   variants=TABLE2_VARIANTS, seeds=5, baseline="original", resources={"cpu": 4, "gpu": 0.25}),
+    "table3-cifar10": dict(name="table3-cifar10", dataset="cifar10", recipe="paper-cifar", depths=[110, 164, 1001],
+                           variants=["original", "full_preact"], seeds=5, baseline="original",
+                           resources={"cpu": 4, "gpu": 0.5}),
+    "table3-cifar100": dict(name="table3-cifar100", dataset="cifar100", recipe="paper-cifar", depths=[164, 1001],
+                            variants=["original", "full_preact"], seeds=5, baseline="original",
+                            resources={"cpu": 4, "gpu": 0.5}),
+    "mini-table1": dict(name="mini-table1", dataset="fashion-mnist", recipe="mini-cpu", depths=[20],
+                        variants=["original", "scale-0.5", "scale-0.5-0.5", "exclusive_gate-b-6",
+                                  "shortcut_gate-b-6", "conv1x1"], seeds=3, baseline="original",
+                        resources={"cpu": 1, "gpu": 0}),
+    "mini-table2": dict(name="mini-table2", dataset="fashion-mnist", recipe="mini-cpu", depths=[20],
+                        variants=TABLE2_VARIANTS, seeds=3, baseline="original", resources={"cpu": 1, "gpu": 0}),
+    # The README's main job: two placements and the scaled shortcut, minutes on two cores.
+    "demo": dict(name="demo", dataset="fashion-mnist", subset=20000, recipe={"base": "mini-cpu", "iterations": 300,
+                 "milestones": [150, 225], "eval_every": 100, "checkpoint_every": 50, "warmup_iterations": 20},
+                 depths=[20], variants=["original", "full_preact", "scale-0.5"], seeds=2, baseline="original",
+                 resources={"cpu": 1, "gpu": 0}),
+    "smoke": dict(name="smoke", dataset="synthetic", subset=512, recipe="smoke", depths=[8], block="basic", width=4,
+                  variants=["original", "full_preact"], seeds=2, baseline="original",
+                  resources={"cpu": 1, "gpu": 0}),
+}

@@ -1,0 +1,254 @@
+"""Grid specifications: the one place loose input (YAML, JSON, a preset name) becomes trials.
+
+`load_grid` reads and validates; `expand_grid` resolves every (dataset, depth, variant, seed) into a
+TrialConfig whose content hash is the trial's key. Errors are GridError with the field path and reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ablations.paper import GRIDS
+from ablations.spec import DATASET_SHAPES, MODEL_FIELDS, VARIANTS, SpecError, make_spec, variant_fields
+
+NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
+DEFAULT_MAX_TRIALS = 5000
+
+
+class GridError(ValueError):
+    """A grid that cannot run: one line with the field path and the reason."""
+
+
+class VariantSpec(BaseModel):
+    """A variant written out in the grid: a name plus model fields (`from` starts at a catalogue entry)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    base: str | None = Field(None, alias="from")
+    unit: str | None = None
+    shortcut: str | None = None
+    shortcut_scale: float | None = None
+    residual_scale: float | None = None
+    gate_bias: float | None = None
+    dropout: float | None = None
+    downsample: Literal["A", "B"] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        base = variant_fields(self.base) if self.base else {}
+        own = self.model_dump(exclude={"name", "base"}, exclude_none=True)
+        return {**base, **own}
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cpu: float = Field(1.0, gt=0, le=1024)
+    gpu: float = Field(0.0, ge=0, le=64)
+
+
+class GridSpec(BaseModel):
+    """Schema in shared/CONTRACT.md; `dataset` may also be a list (Table 3 spans CIFAR-10 and -100)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    dataset: str | list[str]
+    subset: int | None = Field(None, ge=1)
+    data_dir: str | None = Field(None, description="datasets root on every node; not part of trial identity")
+    recipe: str | dict[str, Any] = "mini-cpu"
+    depths: list[int] = Field(min_length=1)
+    variants: list[str | VariantSpec] = Field(min_length=1)
+    seeds: int | list[int]
+    baseline: str | None = None
+    resources: Resources = Resources()
+    block: Literal["basic", "bottleneck"] | None = None
+    width: int | None = Field(None, ge=1, le=1024)
+    timeout_s: float | None = Field(None, gt=0, description="per-trial wall-clock limit")
+    max_retries: int = Field(2, ge=0, le=20, description="retries after an error, each resuming its checkpoint")
+
+    @field_validator("dataset")
+    @classmethod
+    def _datasets(cls, value):
+        names = [value] if isinstance(value, str) else value
+        if not names:
+            raise ValueError("at least one dataset")
+        for d in names:
+            if d not in DATASET_SHAPES:
+                raise ValueError(f"unknown dataset {d!r}; choose one of: {', '.join(DATASET_SHAPES)}")
+        if len(set(names)) != len(names):
+            raise ValueError("datasets repeat")
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir(cls, value):
+        if value is None:
+            return value
+        path = Path(value)
+        if not path.is_absolute() or ".." in path.parts or "\x00" in value:
+            raise ValueError("data_dir must be an absolute path without '..' (every node resolves it alike)")
+        return value
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, value):
+        if len(set(value)) != len(value):
+            raise ValueError(f"depths repeat: {value}")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value):
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"seeds must be a positive count or a list, got {value}")
+            if value > 10_000:
+                raise ValueError(f"seeds count {value} is over 10000")
+        else:
+            if not value:
+                raise ValueError("seeds list is empty")
+            if any(s < 0 or s > 2**31 - 1 for s in value):
+                raise ValueError("each seed must lie in 0..2^31-1")
+            if len(set(value)) != len(value):
+                raise ValueError(f"seeds repeat: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _names(self) -> "GridSpec":
+        names = self.variant_names()
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variant names repeat: {', '.join(dup)}")
+        unknown = [n for n in self.variants if isinstance(n, str) and n not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant {unknown[0]!r}; catalogue: {', '.join(VARIANTS)} "
+                             f"(or write a mapping with name and model fields)")
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the variants: {', '.join(names)}")
+        return self
+
+    def variant_names(self) -> list[str]:
+        return [v if isinstance(v, str) else v.name for v in self.variants]
+
+    def variant_map(self) -> dict[str, dict[str, Any]]:
+        return {(v if isinstance(v, str) else v.name): (variant_fields(v) if isinstance(v, str) else v.fields())
+                for v in self.variants}
+
+    @property
+    def datasets(self) -> list[str]:
+        return [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    @property
+    def baseline_name(self) -> str:
+        return self.baseline or self.variant_names()[0]
+
+    def grid_id(self) -> str:
+        """Name plus a hash of the content: the same spec is the same grid (rerunning resumes it)."""
+        body = self.model_dump(mode="json", by_alias=True)
+        body["seeds"] = self.seed_list
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.name}-{digest}"
+
+
+@dataclass(frozen=True)
+class GridTrial:
+    """One grid point: the labels this grid gives it, and the configuration that identifies it."""
+    dataset: str
+    depth: int
+    variant: str
+    seed: int
+    config: Any  # workers.trainer.TrialConfig
+
+    @property
+    def key(self) -> str:
+        return self.config.key()
+
+
+def _format_validation(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "list[", "VariantSpec", "int")))
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where or 'grid'}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "value_error" else "")
+
+
+def parse_grid(data: Any) -> GridSpec:
+    if not isinstance(data, dict):
+        raise GridError(f"a grid is a mapping of fields (name, dataset, depths, variants, seeds, …), "
+                        f"got {type(data).__name__}")
+    try:
+        return GridSpec.model_validate(data)
+    except ValidationError as exc:
+        raise GridError(_format_validation(exc)) from None
+
+
+def load_grid(source: str | os.PathLike | dict) -> GridSpec:
+    """A bundled preset name, a YAML/JSON file, YAML/JSON text, or an already parsed mapping."""
+    if isinstance(source, dict):
+        return parse_grid(source)
+    text = str(source)
+    if text in GRIDS:
+        return parse_grid(GRIDS[text])
+    path = Path(text)
+    if "\n" not in text and not path.exists():
+        if text.endswith((".yaml", ".yml", ".json")) or os.sep in text:
+            raise GridError(f"grid file {text} does not exist")
+        raise GridError(f"{text!r} is neither a grid file nor a bundled grid ({', '.join(GRIDS)})")
+    if "\n" not in text:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GridError(f"cannot read grid file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)  # safe: a grid file never constructs Python objects
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise GridError(f"grid is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    return parse_grid(data)
+
+
+def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
+                max_trials: int | None = None) -> list[GridTrial]:
+    """Every (dataset, depth, variant, seed) as a resolved trial, checked before anything runs."""
+    from workers.recipes import RecipeError, resolve_recipe
+    from workers.trainer import TrialConfig
+
+    cap = max_trials or int(os.environ.get("ABLATE_MAX_TRIALS", DEFAULT_MAX_TRIALS))
+    seeds = spec.seed_list
+    variants = spec.variant_map()
+    count = len(spec.datasets) * len(spec.depths) * len(variants) * len(seeds)
+    if count > cap:
+        raise GridError(f"the grid expands to {count} trials, more than the cap of {cap} (ABLATE_MAX_TRIALS)")
+    try:
+        recipe = resolve_recipe(spec.recipe, tuned=tuned)
+    except RecipeError as exc:
+        raise GridError(f"recipe: {exc}") from None
+    shared = {k: v for k, v in (("block", spec.block), ("width", spec.width)) if v is not None}
+    trials = []
+    for dataset in spec.datasets:
+        channels, _, classes = DATASET_SHAPES[dataset]
+        for depth in spec.depths:
+            for name, fields in variants.items():
+                unknown = set(fields) - set(MODEL_FIELDS)
+                if unknown:
+                    raise GridError(f"variants.{name}: unknown model field {sorted(unknown)[0]!r}")
+                try:
+                    model = make_spec(**{**shared, **fields, "depth": depth, "in_channels": channels,
+                                         "num_classes": classes})
+                except SpecError as exc:
+                    raise GridError(f"variants.{name} at depth {depth}: {exc}") from None
+                for seed in seeds:
+                    config = TrialConfig(model=model, dataset=dataset, subset=spec.subset, recipe=recipe, seed=seed)
+                    trials.append(GridTrial(dataset, depth, name, seed, config))
+    return trials

@@ -1,0 +1,108 @@
+"""Grid specs: validation with precise messages, expansion and content-addressed trial keys."""
+from __future__ import annotations
+
+import pytest
+
+from ablations.paper import GRIDS
+from orchestrator.grids import GridError, expand_grid, load_grid
+
+BASE = {"name": "g", "dataset": "synthetic", "subset": 256, "recipe": "smoke", "depths": [8], "block": "basic",
+        "width": 4, "variants": ["original", "full_preact"], "seeds": 2}
+
+
+def test_expansion_and_keys():
+    spec = load_grid(BASE)
+    trials = expand_grid(spec)
+    assert [(t.variant, t.seed) for t in trials] == [("original", 0), ("original", 1), ("full_preact", 0),
+                                                      ("full_preact", 1)]
+    assert len({t.key for t in trials}) == 4
+    # The same trial in another grid (other name, more seeds) has the same key.
+    more = expand_grid(load_grid({**BASE, "name": "other", "seeds": [0, 1, 2]}))
+    assert {t.key for t in trials} < {t.key for t in more}
+    assert load_grid(BASE).grid_id() == spec.grid_id() != load_grid({**BASE, "seeds": 3}).grid_id()
+
+
+def test_variant_mappings_and_yaml_text(tmp_path):
+    text = """
+name: mini
+dataset: synthetic
+recipe: {base: smoke, lr: 0.02}
+depths: [8]
+block: basic
+variants:
+  - original
+  - {name: half, unit: original, shortcut: scale, shortcut_scale: 0.5, residual_scale: 1.0}
+  - {name: gate6, from: exclusive_gate-b-6}
+seeds: [3, 7]
+baseline: half
+"""
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    spec = load_grid(str(path))
+    trials = expand_grid(spec)
+    assert spec.baseline_name == "half" and len(trials) == 6
+    half = next(t for t in trials if t.variant == "half")
+    assert half.config.model.shortcut_scale == 0.5 and half.config.recipe.lr == 0.02
+    assert next(t for t in trials if t.variant == "gate6").config.model.gate_bias == -6.0
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"variants": ["original", "nope"]}, "unknown variant 'nope'"),
+    ({"variants": []}, "variants"),
+    ({"depths": []}, "depths"),
+    ({"seeds": 0}, "seeds must be a positive count"),
+    ({"seeds": -2}, "seeds must be a positive count"),
+    ({"seeds": [1, 1]}, "seeds repeat"),
+    ({"variants": ["original", "original"]}, "variant names repeat: original"),
+    ({"depths": [9]}, "6n+2"),
+    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
+    ({"name": "Bad Name"}, "name"),
+    ({"name": "../etc"}, "name"),
+    ({"baseline": "full"}, "baseline 'full' is not one of the variants"),
+    ({"recipe": "fast"}, "unknown recipe 'fast'"),
+    ({"recipe": {"base": "smoke", "lr": -1}}, "lr"),
+    ({"colour": "red"}, "colour"),
+    ({"data_dir": "../data"}, "absolute path"),
+    ({"variants": [{"name": "x", "shortcut": "scale", "gate_bias": -6}]}, "gate_bias applies only"),
+    ({"variants": [{"name": "x", "colour": 1}]}, "colour"),
+    ({"resources": {"cpu": 0}}, "resources.cpu"),
+])
+def test_rejected_specs(change, needle):
+    with pytest.raises(GridError) as info:
+        expand_grid(load_grid({**BASE, **change}))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_trial_cap(monkeypatch):
+    monkeypatch.setenv("ABLATE_MAX_TRIALS", "3")
+    with pytest.raises(GridError, match="expands to 4 trials, more than the cap of 3"):
+        expand_grid(load_grid(BASE))
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(GridError, match="does not exist"):
+        load_grid(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(GridError, match="not valid YAML at line"):
+        load_grid(str(bad))
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("!!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(GridError):
+        load_grid(str(evil))
+    with pytest.raises(GridError, match="neither a grid file nor a bundled grid"):
+        load_grid("no-such-grid")
+
+
+@pytest.mark.parametrize("name", sorted(GRIDS))
+def test_bundled_grids_expand(name):
+    trials = expand_grid(load_grid(name))
+    assert trials and len({t.key for t in trials}) == len(trials)
+
+
+def test_trial_config_round_trips_with_the_same_key():
+    from workers.trainer import TrialConfig
+    for trial in expand_grid(load_grid({**BASE, "variants": ["original", "scale-0.5", "dropout-0.5",
+                                                             "exclusive_gate-b-6"]})):
+        again = TrialConfig.model_validate_json(trial.config.model_dump_json())
+        assert again == trial.config and again.key() == trial.key
