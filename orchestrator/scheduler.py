@@ -1,0 +1,284 @@
+"""Run a grid to completion on Ray core tasks: claim, submit, wait, record, retry, sync to MLflow.
+
+Not Ray Tune: measured here, Tune spent about 2.4 s per trial (efficiency 0.10 on 0.5 s trials) where
+plain tasks reached 0.99, and Tune cannot add seeds to a finished experiment. One Ray task per trial,
+each asking for the grid's resources (fractional GPUs let small trials share one); the driver keeps
+about two tasks per free slot in flight so a slot never waits on the driver.
+
+Crash safety comes from the state store: a trial runs only after an atomic claim, its checkpoints live
+under a path every node can read (`ABLATE_CHECKPOINT_DIR`, default $ABLATE_HOME/checkpoints), and a
+trial whose driver died is taken over once its heartbeat is stale and resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from .grids import GridSpec, GridTrial, expand_grid
+from .state import DONE, STALE_AFTER_S, StateStore, ablate_home
+from .tracking import MlflowSink, Tracker
+
+HEARTBEAT_EVERY_S = STALE_AFTER_S / 4
+POLL_S = 0.2
+
+
+def checkpoint_root() -> Path:
+    return Path(os.environ.get("ABLATE_CHECKPOINT_DIR") or ablate_home() / "checkpoints").resolve()
+
+
+def execute_trial(task: dict[str, Any]) -> dict[str, Any]:
+    """The Ray task body: one trial, metrics streamed to its MLflow child run when there is one."""
+    from workers.trainer import TrialConfig, run_trial
+    sink = MlflowSink(task["tracking_uri"], task["run_id"]) if task.get("run_id") else None
+    return run_trial(TrialConfig.model_validate_json(task["config"]), checkpoint_dir=task["checkpoint_dir"],
+                     sink=sink, threads=task["threads"], device=task["device"], data_dir=task.get("data_dir"))
+
+
+def ensure_ray() -> None:
+    """Connect to RAY_ADDRESS when set, else start a private local Ray (never someone else's)."""
+    import ray
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+
+
+class GridRunner:
+    """Drives one grid. `trial_fn(task) -> result` runs inside Ray workers (default: `execute_trial`)."""
+
+    def __init__(self, store: StateStore | None = None, tracker: Tracker | None = None,
+                 trial_fn: Callable[[dict], dict] = execute_trial, progress: bool = True,
+                 data_dir: str | None = None):
+        self.store = store or StateStore()
+        self.tracker = tracker or Tracker()
+        self.trial_fn = trial_fn
+        self.progress = progress
+        self.data_dir = data_dir
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Syncing ended trials to MLflow happens off the scheduling loop, one call at a time.
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-sync")
+        self._parent_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------ mlflow
+    def _parent_run(self, spec: GridSpec, grid_id: str) -> str | None:
+        with self._parent_lock:
+            return self._parent_run_locked(spec, grid_id)
+
+    def _parent_run_locked(self, spec: GridSpec, grid_id: str) -> str | None:
+        row = self.store.grid(grid_id)
+        if row.mlflow_run_id:
+            return row.mlflow_run_id
+        try:
+            run_id = self.tracker.start_grid(spec.name, grid_id, spec.model_dump(mode="json", by_alias=True))
+        except Exception as exc:
+            print(f"ablate: MLflow unreachable ({_first_line(exc)}); runs will be logged later", file=sys.stderr)
+            return None
+        self.store.set_grid_run(grid_id, run_id)
+        return run_id
+
+    def _child_run(self, spec: GridSpec, grid_id: str, trial: dict[str, Any]) -> str | None:
+        if trial.get("mlflow_run_id"):
+            return trial["mlflow_run_id"]
+        parent = self._parent_run(spec, grid_id)
+        if parent is None:
+            return None
+        import json
+        try:
+            run_id = self.tracker.start_trial(spec.name, grid_id, parent, trial, json.loads(trial["config"]))
+        except Exception:
+            return None
+        self.store.set_trial_run(grid_id, trial["key"], run_id=run_id)
+        trial["mlflow_run_id"] = run_id
+        return run_id
+
+    def sync_mlflow(self, spec: GridSpec, grid_id: str, keys: set[str] | None = None) -> int:
+        """Bring ended trials' child runs up to their records; returns how many remain unsynced."""
+        pending = 0
+        for trial in self.store.grid_trials(grid_id, keys):
+            if trial["mlflow_synced"] or trial["status"] not in (*DONE, "error"):
+                continue
+            run_id = self._child_run(spec, grid_id, trial)
+            try:
+                if run_id is None:
+                    raise ConnectionError("no run")
+                result = trial["result"] or {"history": []}
+                self.tracker.sync(run_id, result, trial["status"], str(checkpoint_root() / trial["key"]))
+                self.store.set_trial_run(grid_id, trial["key"], synced=True)
+            except Exception:
+                pending += 1
+        return pending
+
+    # -------------------------------------------------------------------------------------------- run
+    def run(self, spec: GridSpec, sync_timeout_s: float = 60.0) -> dict[str, Any]:
+        import ray
+
+        trials = expand_grid(spec)
+        _reject_duplicates(trials)
+        grid_id = spec.grid_id()
+        self.store.register_grid(grid_id, spec.name, spec.model_dump(mode="json", by_alias=True), trials)
+        rows = {t["key"]: t for t in self.store.grid_trials(grid_id)}
+        before = {k: t["status"] for k, t in rows.items()}
+        reused = sum(1 for s in before.values() if s in DONE)
+        self._parent_run(spec, grid_id)
+
+        ensure_ray()
+        cpu, gpu = spec.resources.cpu, spec.resources.gpu
+        remote = ray.remote(self.trial_fn).options(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_retries,
+                                                   retry_exceptions=False)
+        total = ray.cluster_resources()
+        slots = max(1, int(min(total.get("CPU", 1) / cpu, total.get("GPU", 0) / gpu if gpu else float("inf"))))
+        max_inflight = 2 * slots
+
+        todo = [k for k, s in before.items() if s not in DONE]
+        inflight: dict[Any, tuple[str, float]] = {}
+        executed = interrupted = cancelled = 0
+        last_beat = last_cancel_check = time.time()
+        waiting_on_others: set[str] = set()
+        display = _Progress(len(before), reused, enabled=self.progress)
+        try:
+            while todo or inflight or waiting_on_others:
+                while todo and len(inflight) < max_inflight:
+                    key = todo.pop(0)
+                    if not self.store.claim(key, self.owner):
+                        waiting_on_others.add(key)  # someone else runs it (or it ended meanwhile)
+                        continue
+                    trial = rows[key]
+                    task = {"config": trial["config"], "checkpoint_dir": str(checkpoint_root() / key),
+                            "threads": max(1, int(cpu)), "device": "cuda" if gpu > 0 else "cpu",
+                            "data_dir": spec.data_dir or self.data_dir, "tracking_uri": self.tracker.uri,
+                            "run_id": self._child_run(spec, grid_id, trial)}
+                    inflight[remote.remote(task)] = (key, time.time())
+                if inflight:
+                    ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=POLL_S)
+                else:
+                    ready = []
+                    time.sleep(POLL_S)
+                for ref in ready:
+                    key, _ = inflight.pop(ref)
+                    executed += self._record(spec, grid_id, key, ref, todo)
+                now = time.time()
+                if spec.timeout_s:
+                    for ref, (key, started) in list(inflight.items()):
+                        if now - started > spec.timeout_s:
+                            ray.cancel(ref, force=True)
+                            inflight.pop(ref)
+                            if self.store.fail(key, self.owner, f"timed out after {spec.timeout_s:g} s",
+                                               spec.max_retries) == "queued":
+                                todo.append(key)
+                if now - last_beat > HEARTBEAT_EVERY_S:
+                    self.store.heartbeat(self.owner, [k for k, _ in inflight.values()])
+                    last_beat = now
+                    # Trials another owner held: try again once they are queued or their owner went silent.
+                    for key in list(waiting_on_others):
+                        waiting_on_others.discard(key)
+                        if self.store.trial(key).status not in (*DONE, "error", "cancelled"):
+                            todo.append(key)
+                if now - last_cancel_check > 1.0:
+                    last_cancel_check = now
+                    if self.store.is_cancelled(grid_id):
+                        for ref in inflight:
+                            ray.cancel(ref, force=True)
+                        cancelled = len(inflight)
+                        self.store.release(self.owner, [k for k, _ in inflight.values()], status="cancelled")
+                        inflight.clear()
+                        todo.clear()
+                        waiting_on_others.clear()
+                display.update(self.store.counts(grid_id))
+        except KeyboardInterrupt:
+            interrupted = 1
+            for ref in inflight:
+                ray.cancel(ref, force=True)
+            self.store.release(self.owner, [k for k, _ in inflight.values()], status="queued")
+        finally:
+            display.close()
+
+        self._syncer.submit(lambda: None).result()  # drain the per-trial syncs queued so far
+        deadline = time.time() + (0 if interrupted else sync_timeout_s)
+        unsynced = self.sync_mlflow(spec, grid_id)
+        while unsynced and time.time() < deadline:
+            time.sleep(2.0)
+            unsynced = self.sync_mlflow(spec, grid_id)
+        counts = self.store.counts(grid_id)
+        parent = self.store.grid(grid_id).mlflow_run_id
+        if parent and not interrupted and not unsynced:
+            try:
+                self.tracker.end_grid(parent, counts)
+            except Exception:
+                unsynced += 1
+        if interrupted:
+            raise GridInterrupted(grid_id)
+        return {"grid": grid_id, "name": spec.name, "trials": len(before), "executed": executed, "reused": reused,
+                "cancelled": cancelled, "counts": counts, "mlflow_unsynced": unsynced,
+                "tracking_uri": self.tracker.uri, "mlflow_run_id": parent}
+
+    def _record(self, spec: GridSpec, grid_id: str, key: str, ref, todo: list[str]) -> int:
+        import ray
+        from ray.exceptions import TaskCancelledError
+        try:
+            result = ray.get(ref)
+        except TaskCancelledError:
+            return 0
+        except Exception as exc:  # the trial raised, or Ray gave up on it after its own retries
+            state = self.store.fail(key, self.owner, _first_line(exc, 2000), spec.max_retries)
+            if state == "queued":
+                todo.append(key)
+            else:
+                self._syncer.submit(self.sync_mlflow, spec, grid_id, {key})
+            return 0
+        recorded = self.store.finish(key, self.owner, result)
+        self._syncer.submit(self.sync_mlflow, spec, grid_id, {key})
+        return int(recorded)
+
+
+class GridInterrupted(Exception):
+    """Ctrl-C: running trials were handed back as queued; the same command resumes the grid."""
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__)[:limit]
+
+
+def _reject_duplicates(trials: list[GridTrial]) -> None:
+    seen: dict[str, GridTrial] = {}
+    for t in trials:
+        other = seen.setdefault(t.key, t)
+        if other is not t:
+            from .grids import GridError
+            raise GridError(f"variants {other.variant!r} and {t.variant!r} are the same network "
+                            f"(identical configuration at depth {t.depth}): drop one")
+
+
+class _Progress:
+    """done/running/queued and an ETA on standard error (rich); silent when disabled."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.enabled, self.total, self.start_done, self.started = enabled, total, done, time.time()
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            self.bar = Progress(TextColumn("[bold]trials"), BarColumn(), TextColumn("{task.description}"),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                console=Console(stderr=True), transient=False)
+            self.task = self.bar.add_task("", total=total, completed=done)
+            self.bar.start()
+
+    def update(self, counts: dict[str, int]) -> None:
+        if self.enabled:
+            done = counts["finished"] + counts["diverged"]
+            text = (f"{done}/{self.total} done · {counts['running']} running · {counts['queued']} queued"
+                    + (f" · {counts['error']} error" if counts["error"] else ""))
+            self.bar.update(self.task, completed=done + counts["error"] + counts["cancelled"], description=text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()

@@ -1,0 +1,145 @@
+"""Grids on a real local Ray with a real MLflow server: reuse, growth, the run tree, crashes, Ctrl-C."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.grids import load_grid
+from orchestrator.scheduler import GridRunner
+from orchestrator.state import StateStore
+from orchestrator.tracking import Tracker
+from tests.helpers import ROOT, ablate
+
+SMOKE = {"name": "smoke-t", "dataset": "synthetic", "subset": 512, "recipe": "smoke", "depths": [8],
+         "block": "basic", "width": 4, "variants": ["original", "full_preact"], "seeds": 2}
+
+
+def children(client, parent_run_id):
+    exp = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def test_grid_runs_once_reuses_and_grows(ablate_home, local_ray, mlflow_server):
+    runner = GridRunner(store=StateStore(), tracker=Tracker(mlflow_server.uri), progress=False)
+    first = runner.run(load_grid(SMOKE))
+    assert (first["trials"], first["executed"], first["reused"]) == (4, 4, 0)
+    assert first["counts"]["finished"] == 4 and first["mlflow_unsynced"] == 0
+
+    again = runner.run(load_grid(SMOKE))
+    assert (again["grid"], again["executed"], again["reused"]) == (first["grid"], 0, 4)
+
+    grown = runner.run(load_grid({**SMOKE, "seeds": 3}))
+    assert (grown["trials"], grown["executed"], grown["reused"]) == (6, 2, 4)
+
+    # The MLflow run tree, read back from the server.
+    client = MlflowClient(mlflow_server.uri)
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.data.tags["ablate.grid"] == first["grid"] and parent.info.status == "FINISHED"
+    kids = children(client, first["mlflow_run_id"])
+    assert len(kids) == 4
+    store = StateStore()
+    by_key = {t["key"]: t for t in store.grid_trials(first["grid"])}
+    for run in kids:
+        tags = run.data.tags
+        trial = by_key[tags["ablate.trial"]]
+        assert (tags["ablate.variant"], tags["ablate.depth"], tags["ablate.seed"]) == (
+            trial["variant"], "8", str(trial["seed"]))
+        assert tags["ablate.status"] == "finished" and tags["ablate.dataset"] == "synthetic"
+        assert tags["ablate.unit"] in ("original", "full_preact") and run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "test_error")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [20, 40]
+        assert run.data.metrics["test_error"] == pytest.approx(trial["test_error"])
+        assert run.data.params["recipe.iterations"] == "40" and run.data.params["seed"] == str(trial["seed"])
+    # The grown grid logs all six trials, the four reused ones from their stored records.
+    assert len(children(client, grown["mlflow_run_id"])) == 6
+
+
+def test_failing_trials_retry_then_error(ablate_home, local_ray, tmp_path):
+    spec = load_grid({**SMOKE, "name": "broken", "dataset": "cifar10", "data_dir": str(tmp_path / "nothing"),
+                      "seeds": 1, "variants": ["original"], "max_retries": 1})
+    out = GridRunner(progress=False).run(spec, sync_timeout_s=0)
+    assert out["counts"]["error"] == 1 and out["executed"] == 0
+    trial = StateStore().grid_trials(out["grid"])[0]
+    assert trial["attempts"] == 2 and "cifar-10-batches-py" in trial["error"]
+
+
+def run_cli(grid_file, env, **kw):
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(grid_file), "--json"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+
+
+def wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+def test_orchestrator_killed_mid_grid_then_rerun_loses_and_repeats_nothing(tmp_path, mlflow_server):
+    grid = {**SMOKE, "name": "crash", "seeds": 3, "recipe": {"base": "smoke", "iterations": 160,
+                                                             "checkpoint_every": 10, "eval_every": 80,
+                                                             "milestones": [120]}}
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps(grid))
+    env = {**os.environ, "ABLATE_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": mlflow_server.uri,
+           "ABLATE_STALE_AFTER_S": "4"}
+    env.pop("RAY_ADDRESS", None)
+    proc = run_cli(grid_file, env)
+    state_db = tmp_path / "home" / "state.db"
+    assert wait_for(state_db.exists, 60)
+    store = StateStore(f"sqlite:///{state_db}")
+    grid_id = load_grid(grid).grid_id()
+    assert wait_for(lambda: store.grid(grid_id) is not None and store.counts(grid_id)["finished"] >= 1
+                    and store.counts(grid_id)["running"] >= 1, 240), proc.stderr.read() if proc.poll() else ""
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    before = store.counts(grid_id)
+    assert before["finished"] < 6
+
+    rerun = run_cli(grid_file, env)
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    result = json.loads(out)
+    assert result["counts"]["finished"] == 6 and result["executed"] + result["reused"] == 6
+    assert result["reused"] == before["finished"]
+    for trial in store.grid_trials(grid_id):
+        finished = [a for a in store.attempts(trial["key"]) if a.outcome == "finished"]
+        assert len(finished) == 1, f"trial {trial['key']} trained to the end {len(finished)} times"
+    resumed = [t for t in store.grid_trials(grid_id) if t["result"]["resumed_from"]]
+    assert resumed, "a trial interrupted mid-way resumes from its checkpoint"
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_resumable_grid(tmp_path):
+    grid = {**SMOKE, "name": "sigint", "seeds": 2, "recipe": {"base": "smoke", "iterations": 400,
+                                                              "checkpoint_every": 10, "eval_every": 200,
+                                                              "milestones": [300]}}
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps(grid))
+    env = {**os.environ, "ABLATE_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": ""}
+    env.pop("RAY_ADDRESS", None)
+    proc = run_cli(grid_file, env)
+    state_db = tmp_path / "home" / "state.db"
+    assert wait_for(state_db.exists, 60)
+    store = StateStore(f"sqlite:///{state_db}")
+    grid_id = load_grid(grid).grid_id()
+    assert wait_for(lambda: store.grid(grid_id) is not None and store.counts(grid_id)["running"] >= 1, 120)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    counts = store.counts(grid_id)
+    assert counts["running"] == 0 and counts["queued"] + counts["finished"] == 4
+    status = ablate("status", grid_id, "--json", env={"ABLATE_HOME": str(tmp_path / "home")})
+    assert status.code == 0 and status.json["queued"] == counts["queued"]
