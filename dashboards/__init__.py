@@ -1,0 +1,17 @@
+"""Statistics, tables and pages from a results table handed in (a pyarrow Table, a DataFrame or a list of dicts).
+
+Imports neither `workers` nor `orchestrator`. Names load their modules (scipy, pandas, pyarrow, rich) on first
+use, so that importing the package, and `ablate --help`, stays instant.
+"""
+_LAZY = {"compare": "stats", "summary": "stats", "results_to_arrow": "stats", "FORMATS": "tables",
+         "document": "tables", "render": "tables", "write": "tables", "print_table": "tables"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [*_LAZY]

@@ -154,27 +154,17 @@ def _find_grid(store, ref: str):
     return row
 
 
-def results_rows(store, grid_id: str) -> list[dict[str, Any]]:
-    """One row per trial of the grid: labels, state and the metrics the tables use."""
-    rows = []
-    for t in store.grid_trials(grid_id):
-        result = t["result"] or {}
-        rows.append({"dataset": t["dataset"], "depth": t["depth"], "variant": t["variant"], "seed": t["seed"],
-                     "status": t["status"], "test_error": t["test_error"], "train_loss": t["train_loss"],
-                     "train_error": result.get("train_error")})
-    return rows
-
-
 def comparison(store, grid_id: str, metric: str = "test_error", baseline: str | None = None) -> dict[str, Any]:
     import json as _json
-    from dashboards.stats import compare, summary
+    from dashboards.stats import compare
+    from dashboards.tables import document
     from .grids import parse_grid
     spec = parse_grid(_json.loads(store.grid(grid_id).spec))
     base = baseline or spec.baseline_name
     if base not in spec.variant_names():
         raise UsageError(f"baseline {base!r} is not a variant of this grid: {', '.join(spec.variant_names())}")
-    rows = compare(results_rows(store, grid_id), baseline=base, metric=metric, variant_order=spec.variant_names())
-    return {"grid": grid_id, "metric": metric, "rows": rows, "summary": summary(rows)}
+    rows = compare(store.results_table(grid_id), baseline=base, metric=metric, variant_order=spec.variant_names())
+    return document(grid_id, metric, rows)
 
 
 def cmd_run(args: argparse.Namespace) -> Any:
@@ -251,8 +241,8 @@ def print_human(name: str, result: Any) -> None:
     if isinstance(result, Rendered):
         sys.stdout.write(result if result.endswith("\n") else result + "\n")
     elif name == "run":
-        from dashboards.tables import render
-        console.print(render(result["comparison"], "table"), highlight=False)
+        from dashboards.tables import print_table
+        print_table(result["comparison"], console)
         console.print(f"grid {result['grid']}: {result['trials']} trials, {result['executed']} trained now, "
                       f"{result['reused']} reused; {result['counts']}", highlight=False)
     elif name in ("status", "grids") and ("grids" in result):

@@ -63,6 +63,7 @@ class TrialRow(Base):
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
     test_error: Mapped[float | None] = mapped_column(Float, nullable=True)
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    train_error: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
 
@@ -202,6 +203,17 @@ class StateStore:
                         "result": json.loads(t.result) if t.result else None, "config": t.config})
         return out
 
+    def results_table(self, grid_id: str):
+        """The grid's results as a pyarrow Table in one query: the fast read path of the tables."""
+        import pyarrow as pa
+        query = (select(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed,
+                        TrialRow.status, TrialRow.test_error, TrialRow.train_loss, TrialRow.train_error)
+                 .join(TrialRow, TrialRow.key == GridTrialRow.trial_key).where(GridTrialRow.grid_id == grid_id))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        names = ["dataset", "depth", "variant", "seed", "status", "test_error", "train_loss", "train_error"]
+        return pa.table({name: [r[i] for r in rows] for i, name in enumerate(names)})
+
     def counts(self, grid_id: str) -> dict[str, int]:
         with self.sessions() as s:
             rows = s.execute(select(TrialRow.status, func.count()).join(
@@ -266,8 +278,9 @@ class StateStore:
             if row is None or row.status != "running" or row.owner != owner:
                 return False
             row.status, row.result, row.updated_at = status, json.dumps(record), time.time()
-            row.test_error, row.train_loss, row.owner, row.error = (result.get("test_error"),
-                                                                    result.get("train_loss"), None, None)
+            row.test_error, row.train_loss, row.train_error = (result.get("test_error"), result.get("train_loss"),
+                                                               result.get("train_error"))
+            row.owner, row.error = None, None
             self._end_attempt(s, key, owner, status)
             return True
 

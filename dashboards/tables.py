@@ -1,0 +1,204 @@
+"""Comparison tables in every output format of `ablate compare`, from one document.
+
+The document is what `compare --format json` prints: `{grid, metric, alpha, rows, summary}`, with `rows` from
+`dashboards.stats.compare` and `summary` from `dashboards.stats.summary` (computed here when absent).
+Human formats (`table`, `markdown`, `latex`) share one set of formatted cells; machine formats (`csv`,
+`parquet`) share one flat record per row, with `setting` spread into `dataset` and `depth` and the paper's
+figure split into `paper` (a number, or empty) and `paper_fail` (the paper reports "fail").
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .stats import summary
+
+FORMATS = ("table", "markdown", "csv", "json", "latex", "parquet")
+MISSING = "–"
+FLAT_SCHEMA = pa.schema([
+    ("dataset", pa.string()), ("depth", pa.int64()), ("variant", pa.string()), ("n", pa.int64()),
+    ("failed", pa.int64()), *[(k, pa.float64()) for k in ("mean", "std", "median", "min", "max", "ci_low", "ci_high",
+                                                          "delta", "delta_ci_low", "delta_ci_high", "p_value",
+                                                          "p_holm", "effect_size", "p_improve")],
+    ("decision", pa.string()), ("paper", pa.float64()), ("paper_fail", pa.bool_()), ("seeds", pa.list_(pa.int64())),
+])
+SUMMARY_HEADERS = ["variant", "settings", "mean rank", "wins", "ties", "losses"]   # rank 1 = lowest; vs the baseline
+DECISION_STYLES = {"baseline": "bold", "better": "green", "worse": "red", "equivalent": "cyan", "undecided": "dim"}
+
+
+def document(grid: str, metric: str, rows: list[dict[str, Any]], alpha: float = 0.05) -> dict[str, Any]:
+    """The comparison document: what `compare --format json` prints and what `render` takes."""
+    return {"grid": grid, "metric": metric, "alpha": alpha, "rows": rows, "summary": summary(rows)}
+
+
+def render(doc: dict[str, Any], fmt: str) -> str | bytes:
+    """The document in one of FORMATS; `parquet` gives bytes, every other format text."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    return _RENDERERS[fmt](_complete(doc))
+
+
+def write(doc: dict[str, Any], fmt: str, path: str | Path) -> None:
+    """`render` into a file (`compare -o FILE`): bytes as they are, text UTF-8 with a final newline."""
+    out = render(doc, fmt)
+    if isinstance(out, bytes):
+        Path(path).write_bytes(out)
+    else:
+        Path(path).write_text(out if out.endswith("\n") else out + "\n", encoding="utf-8")
+
+
+def print_table(doc: dict[str, Any], console: Console) -> None:
+    """The comparison and the across-settings summary as rich tables, decisions coloured."""
+    doc = _complete(doc)
+    headers = _headers(doc)
+    table = Table(title=f"{doc['grid']}: {doc['metric']} (lower is better)", title_justify="left")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i < 2 or h == "decision" else "right", no_wrap=True)
+    previous = None
+    for row in doc["rows"]:
+        if previous is not None and row["setting"] != previous:
+            table.add_section()
+        previous = row["setting"]
+        table.add_row(*(Text(c, style=DECISION_STYLES[c] if h == "decision" else "")
+                        for h, c in zip(headers, _cells(row, doc))))
+    console.print(table)
+    rows = _summary(doc)
+    if rows:
+        across = Table(title="Across settings", title_justify="left")
+        for i, h in enumerate(SUMMARY_HEADERS):
+            across.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+        for cells in rows:
+            across.add_row(*map(Text, cells))
+        console.print(across)
+
+
+# --- shared cells ------------------------------------------------------------------------------------
+
+def _complete(doc: dict[str, Any]) -> dict[str, Any]:
+    """A document from elsewhere (an older JSON, a hand-built dict) with `alpha` and `summary` filled in."""
+    return {"grid": doc["grid"], "metric": doc["metric"], "alpha": 0.05, **doc,
+            "summary": doc["summary"] if doc.get("summary") is not None else summary(doc["rows"])}
+
+
+def _headers(doc: dict[str, Any]) -> list[str]:
+    level = round(100 * (1 - doc["alpha"]))
+    return ["setting", "variant", "n", "failed", "mean ± std", f"{level}% CI", "Δ [CI]", "p_holm", "g", "P(impr)",
+            "decision", "paper"]
+
+
+def _cells(row: dict[str, Any], doc: dict[str, Any]) -> list[str]:
+    digits = 2 if doc["metric"].endswith("_error") else 4   # errors are percentages, shown as the paper does
+
+    def num(x: float | None, signed: bool = False) -> str:
+        return MISSING if x is None else f"{x:{'+' if signed else ''}.{digits}f}"
+
+    spread = num(row["mean"]) + ("" if row["std"] is None else f" ± {num(row['std'])}")
+    ci = MISSING if row["ci_low"] is None else f"[{num(row['ci_low'])}, {num(row['ci_high'])}]"
+    delta = num(row["delta"], signed=True)
+    if row["delta_ci_low"] is not None:
+        delta += f" [{num(row['delta_ci_low'], True)}, {num(row['delta_ci_high'], True)}]"
+    p = row["p_holm"]
+    p_text = MISSING if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+    g = MISSING if row["effect_size"] is None else f"{row['effect_size']:+.2f}"
+    improve = MISSING if row["p_improve"] is None else f"{row['p_improve']:.2f}"
+    paper = row["paper"]
+    paper_text = MISSING if paper is None else paper if isinstance(paper, str) else f"{paper:.2f}"
+    setting = row["setting"]
+    return [f"{setting['dataset']} ResNet-{setting['depth']}", row["variant"], str(row["n"]), str(row["failed"]),
+            spread, ci, delta, p_text, g, improve, row["decision"], paper_text]
+
+
+def _summary(doc: dict[str, Any]) -> list[list[str]]:
+    def text(x: Any) -> str:
+        return MISSING if x is None else str(x)
+
+    return [[e["variant"], str(e["settings"]), MISSING if e["mean_rank"] is None else f"{e['mean_rank']:.2f}",
+             text(e["wins"]), text(e["ties"]), text(e["losses"])] for e in doc["summary"]]
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    paper = row["paper"]
+    return {**row["setting"], **{k: row[k] for k in FLAT_SCHEMA.names if k in row and k != "paper"},
+            "paper": None if paper is None or isinstance(paper, str) else float(paper),
+            "paper_fail": paper == "fail"}
+
+
+# --- formats -----------------------------------------------------------------------------------------
+
+def _table(doc: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    print_table(doc, Console(file=buffer, width=400, color_system=None, highlight=False))
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
+
+
+def _markdown(doc: dict[str, Any]) -> str:
+    def lines(headers: list[str], rows: list[list[str]], right_from: int) -> list[str]:
+        align = ["---" if i < right_from or h == "decision" else "---:" for i, h in enumerate(headers)]
+        return ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in [headers, align, *rows]]
+
+    out = [f"**{doc['grid']}**: {doc['metric']} (lower is better)", "",
+           *lines(_headers(doc), [_cells(r, doc) for r in doc["rows"]], right_from=2)]
+    rows = _summary(doc)
+    if rows:
+        out += ["", "Across settings (rank 1 = lowest; wins/ties/losses against the baseline):", "",
+                *lines(SUMMARY_HEADERS, rows, right_from=1)]
+    return "\n".join(out) + "\n"
+
+
+def _csv(doc: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FLAT_SCHEMA.names, lineterminator="\n")
+    writer.writeheader()
+    for row in doc["rows"]:
+        flat = _flat(row)
+        writer.writerow({**flat, "seeds": " ".join(map(str, flat["seeds"]))})
+    return buffer.getvalue()
+
+
+def _json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, allow_nan=False)
+
+
+_TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                 "±": r"$\pm$", "<": r"$<$", "Δ": r"$\Delta$", MISSING: "--"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_TEX_SPECIALS.get(ch, ch) for ch in text)
+
+
+def _latex(doc: dict[str, Any]) -> str:
+    """A booktabs tabular (needs \\usepackage{booktabs}), a rule between settings."""
+    headers = _headers(doc)
+    spec = "".join("l" if i < 2 or h == "decision" else "r" for i, h in enumerate(headers))
+    out = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(map(_tex, headers)) + r" \\", r"\midrule"]
+    previous = None
+    for row in doc["rows"]:
+        if previous is not None and row["setting"] != previous:
+            out.append(r"\midrule")
+        previous = row["setting"]
+        out.append(" & ".join(map(_tex, _cells(row, doc))) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+def _parquet(doc: dict[str, Any]) -> bytes:
+    table = pa.Table.from_pylist([_flat(r) for r in doc["rows"]], schema=FLAT_SCHEMA)
+    table = table.replace_schema_metadata({"ablate.grid": str(doc["grid"]), "ablate.metric": doc["metric"]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+_RENDERERS = {"table": _table, "markdown": _markdown, "csv": _csv, "json": _json, "latex": _latex,
+              "parquet": _parquet}

@@ -1,0 +1,291 @@
+"""dashboards.stats: every statistic against scipy / statsmodels computed here, decisions at their edges,
+failed-run handling, the paper column, ordering and the across-settings summary."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+from dashboards.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, RESULTS_SCHEMA, compare, results_to_arrow,
+                              summary)
+
+BASE = [6.61, 6.72, 6.48, 6.90, 6.55]
+FIELDS = {"setting", "variant", "n", "failed", "mean", "std", "median", "min", "max", "ci_low", "ci_high", "delta",
+          "delta_ci_low", "delta_ci_high", "p_value", "p_holm", "effect_size", "p_improve", "decision", "paper",
+          "seeds"}
+
+
+def trials(variant: str, values, *, dataset="cifar10", depth=110, status="finished", seed0=0) -> list[dict]:
+    return [dict(dataset=dataset, depth=depth, variant=variant, seed=seed0 + i, status=status, test_error=v,
+                 train_loss=None if v is None else v / 10, train_error=None if v is None else v / 2)
+            for i, v in enumerate(values)]
+
+
+def cell(rows: list[dict], variant: str, depth: int = 110, dataset: str = "cifar10") -> dict:
+    [row] = [r for r in rows if r["variant"] == variant and r["setting"] == {"dataset": dataset, "depth": depth}]
+    return row
+
+
+def pair(values, base=BASE, **kw) -> dict:
+    return cell(compare(trials("original", base) + trials("v", values), "original", **kw), "v")
+
+
+def plain(x) -> bool:
+    if isinstance(x, dict):
+        return all(plain(v) for v in x.values())
+    if isinstance(x, list):
+        return all(plain(v) for v in x)
+    return x is None or type(x) in (int, float, str, bool)
+
+
+# --- statistics against independent computations -----------------------------------------------------
+
+def test_row_fields_descriptives_and_t_interval():
+    rows = compare(trials("original", BASE), "original")
+    [row] = rows
+    assert set(row) == FIELDS and plain(row)
+    x = np.array(BASE)
+    assert row["n"] == 5 and row["failed"] == 0 and row["seeds"] == [0, 1, 2, 3, 4]
+    assert row["mean"] == pytest.approx(x.mean()) and row["std"] == pytest.approx(x.std(ddof=1))
+    assert (row["median"], row["min"], row["max"]) == (6.61, 6.48, 6.90)
+    low, high = stats.t.interval(0.95, df=4, loc=x.mean(), scale=stats.sem(x))
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert row["decision"] == "baseline" and row["delta"] is None and row["p_holm"] is None
+
+
+def test_bca_bootstrap_from_ten_runs_t_below():
+    x = np.round(np.random.default_rng(7).gamma(2.0, 0.3, 12) + 6, 3)
+    row = cell(compare(trials("original", x), "original"), "original")
+    ref = stats.bootstrap((x,), np.mean, method="BCa", n_resamples=BOOTSTRAP_RESAMPLES,
+                          rng=np.random.default_rng(BOOTSTRAP_SEED)).confidence_interval
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(ref.low), pytest.approx(ref.high))
+    assert compare(trials("original", x), "original") == compare(trials("original", x), "original")  # deterministic
+    nine = cell(compare(trials("original", x[:9]), "original"), "original")
+    low, high = stats.t.interval(0.95, df=8, loc=x[:9].mean(), scale=stats.sem(x[:9]))
+    assert (nine["ci_low"], nine["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+
+
+def test_welch_p_value_and_interval_by_hand():
+    x = np.array([6.1, 6.4, 5.9, 6.3, 6.0, 6.6, 6.2, 5.8])
+    b = np.array(BASE)
+    row = pair(x)
+    assert row["p_value"] == pytest.approx(stats.ttest_ind(x, b, equal_var=False).pvalue)
+    a1, a0 = x.var(ddof=1) / x.size, b.var(ddof=1) / b.size
+    df = (a1 + a0) ** 2 / (a1 ** 2 / (x.size - 1) + a0 ** 2 / (b.size - 1))   # Welch–Satterthwaite
+    d, half = x.mean() - b.mean(), stats.t.ppf(0.975, df) * math.sqrt(a1 + a0)
+    assert row["delta"] == pytest.approx(d)
+    assert (row["delta_ci_low"], row["delta_ci_high"]) == (pytest.approx(d - half), pytest.approx(d + half))
+
+
+def test_hedges_g_formula_and_sign():
+    x, b = np.array([6.1, 6.4, 5.9, 6.3]), np.array(BASE)
+    pooled = math.sqrt(((x.size - 1) * x.var(ddof=1) + (b.size - 1) * b.var(ddof=1)) / (x.size + b.size - 2))
+    j = 1 - 3 / (4 * (x.size + b.size) - 9)
+    g = pair(x)["effect_size"]
+    assert g == pytest.approx(j * (x.mean() - b.mean()) / pooled) and g < 0   # lower error: negative
+    assert pair(x + 1.5)["effect_size"] > 0
+
+
+def test_p_improve_is_u_over_n1n2_with_ties_half():
+    x, b = [6.0, 6.5, 6.55, 6.9, 7.0], BASE
+    expected = stats.mannwhitneyu(b, x).statistic / (len(x) * len(b))   # U of "baseline above variant"
+    lower = sum(xi < bi for xi in x for bi in b) + 0.5 * sum(xi == bi for xi in x for bi in b)
+    assert pair(x)["p_improve"] == pytest.approx(expected) == pytest.approx(lower / 25)
+    assert pair(BASE)["p_improve"] == 0.5   # identical samples: every comparison is a tie or mirrored
+
+
+def test_holm_across_the_whole_table_matches_statsmodels():
+    rng = np.random.default_rng(3)
+    results = []
+    for depth in (20, 56):
+        results += trials("original", 6.6 + rng.normal(0, 0.2, 5), depth=depth)
+        for shift, name in ((-0.5, "a"), (0.05, "b"), (0.3, "c")):
+            results += trials(name, 6.6 + shift + rng.normal(0, 0.2, 5), depth=depth)
+    rows = compare(results, "original")
+    tested = [r for r in rows if r["decision"] != "baseline"]
+    assert len(tested) == 6
+    expected = multipletests([r["p_value"] for r in tested], method="holm")[1]
+    assert [r["p_holm"] for r in tested] == pytest.approx(list(expected))
+
+
+# --- decisions ---------------------------------------------------------------------------------------
+
+def test_clear_differences_are_better_and_worse():
+    assert pair([5.9, 6.0, 5.8, 6.1, 5.95])["decision"] == "better"
+    assert pair([8.1, 8.3, 7.9, 8.2, 8.0])["decision"] == "worse"
+
+
+def test_identical_distribution_with_tight_spread_is_equivalent():
+    base = [6.60, 6.62, 6.58, 6.61, 6.59, 6.60]
+    row = pair([6.61, 6.59, 6.60, 6.62, 6.58, 6.60], base=base)
+    assert row["decision"] == "equivalent" and -0.2 <= row["delta_ci_low"] <= row["delta_ci_high"] <= 0.2
+    assert pair([6.61, 6.59, 6.60, 6.62, 6.58, 6.60], base=base, delta=0.01)["decision"] == "undecided"
+
+
+def test_equivalence_needs_the_whole_interval_inside_the_margin():
+    row = pair([v - 0.1 for v in BASE])   # point difference inside ±0.2, lower end of its CI outside
+    assert -0.2 < row["delta"] < 0 and row["delta_ci_low"] < -0.2 < row["delta_ci_high"] < 0.2
+    assert row["decision"] == "undecided"
+
+
+def test_small_noisy_samples_are_undecided():
+    row = pair([5.0, 8.0, 6.0])
+    assert row["decision"] == "undecided" and row["p_value"] > 0.05
+
+
+def test_one_run_gives_a_point_difference_and_no_inference():
+    row = pair([6.0])
+    assert row["delta"] == pytest.approx(6.0 - np.mean(BASE)) and row["p_improve"] == 1.0
+    assert row["p_value"] is row["p_holm"] is row["delta_ci_low"] is row["effect_size"] is None
+    assert row["decision"] == "undecided" and row["std"] is None and row["ci_low"] is None
+
+
+def test_p_improve_threshold_edge():
+    base = list(10 + np.linspace(-0.05, 0.05, 12))
+    at_edge = pair([0.0] * 9 + [11.0] * 3, base=base)   # beats 9 of 12 baseline runs: exactly 0.75
+    assert at_edge["p_holm"] < 0.05 and at_edge["p_improve"] == 0.75 and at_edge["decision"] == "undecided"
+    beyond = pair([0.0] * 10 + [11.0] * 2, base=base)
+    assert beyond["p_improve"] == pytest.approx(10 / 12) and beyond["decision"] == "better"
+    worse_edge = pair([20.0] * 9 + [9.0] * 3, base=base)   # P(improvement) exactly 0.25
+    assert worse_edge["p_holm"] < 0.05 and worse_edge["p_improve"] == 0.25 and worse_edge["decision"] == "undecided"
+    assert pair([20.0] * 10 + [9.0] * 2, base=base)["decision"] == "worse"
+
+
+def test_direction_must_agree_with_the_mean_difference():
+    # Most runs slightly better, a few catastrophic: P(improvement) 0.8 but the mean is significantly worse.
+    base = list(10 + np.linspace(-0.05, 0.05, 40))
+    row = pair([9.9] * 32 + [30.0] * 8, base=base)
+    assert row["p_holm"] < 0.05 and row["p_improve"] == pytest.approx(0.8) and row["delta"] > 0
+    assert row["decision"] == "undecided"
+
+
+def test_zero_variance_on_both_sides_leaks_no_nan():
+    same = pair([6.5] * 4, base=[6.5] * 7)
+    assert same["p_value"] == 1.0 and same["delta_ci_low"] == same["delta_ci_high"] == same["delta"] == 0.0
+    assert same["effect_size"] == 0.0 and same["decision"] == "equivalent" and same["ci_low"] == same["ci_high"] == 6.5
+    apart = pair([6.1] * 4, base=[6.5] * 7)
+    assert apart["p_value"] == 0.0 and apart["delta_ci_low"] == apart["delta_ci_high"] == pytest.approx(-0.4)
+    assert apart["effect_size"] is None and apart["decision"] == "better"
+    json.dumps([same, apart], allow_nan=False)
+
+
+# --- which runs enter --------------------------------------------------------------------------------
+
+def test_failed_runs_are_counted_and_only_measured_values_enter():
+    results = (trials("original", BASE)
+               + trials("v", [6.2, 6.3, 6.1], seed0=0)
+               + trials("v", [35.0], status="diverged", seed0=3)      # kept with its value, counted
+               + trials("v", [None], status="diverged", seed0=4)      # no value: excluded, counted
+               + trials("v", [5.0], status="error", seed0=5)          # crashed: excluded, counted
+               + trials("v", [None], status="error", seed0=6)
+               + trials("v", [21.0], seed0=7)                         # finished above 20%: kept, counted
+               + trials("v", [None], seed0=8)                         # finished without a value: counted
+               + trials("v", [1.0], status="running", seed0=9)        # not results: ignored
+               + trials("v", [None], status="queued", seed0=10)
+               + trials("v", [None], status="cancelled", seed0=11))
+    row = cell(compare(results, "original"), "v")
+    assert row["seeds"] == [0, 1, 2, 3, 7] and row["n"] == 5 and row["failed"] == 6
+    assert row["max"] == 35.0 and row["mean"] == pytest.approx(np.mean([6.2, 6.3, 6.1, 35.0, 21.0]))
+    assert cell(compare(results, "original", fail_threshold=40.0), "v")["failed"] == 5
+
+
+def test_fail_threshold_is_judged_on_test_error_whatever_the_metric():
+    results = trials("original", BASE) + trials("v", [25.0, 26.0])
+    row = cell(compare(results, "original", metric="train_loss"), "v")
+    assert row["failed"] == 2 and row["mean"] == pytest.approx(2.55) and row["paper"] is None
+
+
+def test_cells_without_results_yet_still_appear():
+    results = trials("original", BASE) + trials("v", [None, None], status="queued")
+    row = cell(compare(results, "original"), "v")
+    assert row["n"] == 0 and row["failed"] == 0 and row["mean"] is None and row["seeds"] == []
+    assert row["decision"] == "undecided" and plain(row)
+
+
+def test_setting_without_its_baseline_is_undecided():
+    results = trials("original", BASE, depth=20) + trials("v", [6.0, 6.1, 5.9], depth=20) + trials("v", BASE, depth=56)
+    row = cell(compare(results, "original"), "v", depth=56)
+    assert row["delta"] is None and row["p_value"] is None and row["decision"] == "undecided"
+
+
+# --- paper column, ordering, inputs ------------------------------------------------------------------
+
+def test_paper_column_numbers_fail_and_none():
+    results = trials("original", BASE) + trials("full_preact", BASE) + trials("scale-0", [80.0, 85.0])
+    results += trials("mine", BASE) + trials("original", BASE, depth=20)
+    rows = compare(results, "original")
+    assert cell(rows, "original")["paper"] == 6.61 and cell(rows, "full_preact")["paper"] == 6.37
+    assert cell(rows, "scale-0")["paper"] == "fail" and cell(rows, "mine")["paper"] is None
+    assert cell(rows, "original", depth=20)["paper"] is None
+    custom = compare(results, "original", paper=lambda dataset, depth, variant: f"{variant}@{depth}")
+    assert cell(custom, "mine")["paper"] == "mine@110"
+
+
+def test_rows_follow_the_settings_then_variant_order():
+    results = []
+    for depth in (110, 20):
+        for v in ("zeta", "full_preact", "original", "alpha", "bn_after_add"):
+            results += trials(v, BASE, depth=depth)
+    results += trials("original", BASE, dataset="cifar100", depth=20)
+    rows = compare(results, "original", variant_order=["original", "bn_after_add", "full_preact"])
+    order = [(r["setting"]["dataset"], r["setting"]["depth"], r["variant"]) for r in rows]
+    expected = [("cifar10", d, v) for d in (20, 110)
+                for v in ("original", "bn_after_add", "full_preact", "alpha", "zeta")] + [("cifar100", 20, "original")]
+    assert order == expected
+    unordered = [r["variant"] for r in compare(results, "original")][:5]
+    assert unordered == ["original", "alpha", "bn_after_add", "full_preact", "zeta"]
+
+
+def test_list_dataframe_and_arrow_inputs_agree():
+    results = trials("original", BASE) + trials("v", [6.2, 6.3, None], status="diverged") + [
+        dict(dataset="cifar10", depth=110, variant="v", seed=9, status="running", extra="ignored")]
+    table = results_to_arrow(results)
+    assert table.schema == RESULTS_SCHEMA and table.num_rows == len(results)
+    frame = pd.DataFrame(results, index=range(100, 100 + len(results))).astype({"variant": "category"})
+    expected = compare(results, "original")
+    assert compare(table, "original") == compare(frame, "original") == expected
+    assert results_to_arrow(frame).schema == RESULTS_SCHEMA
+    assert results_to_arrow(table.select(["dataset", "depth", "variant", "seed", "status", "test_error"])) == table \
+        .set_column(6, "train_loss", pa.nulls(len(results), pa.float64())) \
+        .set_column(7, "train_error", pa.nulls(len(results), pa.float64()))
+
+
+def test_bad_input_is_refused_with_a_reason():
+    results = trials("original", BASE)
+    with pytest.raises(ValueError, match="metric"):
+        compare(results, "original", metric="accuracy")
+    with pytest.raises(ValueError, match="baseline 'nope'"):
+        compare(results, "nope")
+    with pytest.raises(ValueError, match="status"):
+        compare(trials("original", BASE, status="done"), "original")
+    with pytest.raises(ValueError, match="seed"):
+        compare([{k: v for k, v in r.items() if k != "seed"} for r in results], "original")
+    assert compare([], "original") == [] and compare(results_to_arrow([]), "original") == []
+
+
+# --- across settings ---------------------------------------------------------------------------------
+
+def test_summary_ranks_and_win_tie_loss():
+    results = []
+    for depth, (good, tie) in ((20, (5.0, 6.6)), (56, (5.0, 6.0)), (110, (9.0, 6.62))):
+        results += trials("original", BASE, depth=depth)
+        results += trials("good", [good + d for d in (0.0, 0.1, -0.1, 0.05, -0.05)], depth=depth)
+        results += trials("tie", [tie + d for d in (0.0, 0.1, -0.1, 0.05, -0.05)], depth=depth)
+    results += trials("tie", [7.0], depth=200) + trials("original", [7.0], depth=200)   # equal means: ranks 1.5
+    rows = compare(results, "original")
+    assert [cell(rows, "good", d)["decision"] for d in (20, 56, 110)] == ["better", "better", "worse"]
+    got = {s["variant"]: s for s in summary(rows)}
+    # ranks of (original, good, tie) by mean: 20 → (3, 1, 2), 56 → (3, 1, 2), 110 → (2, 3, 1), 200 → (1.5, –, 1.5)
+    assert got["original"] == {"variant": "original", "settings": 4, "wins": None, "ties": None, "losses": None,
+                               "mean_rank": pytest.approx((3 + 3 + 2 + 1.5) / 4)}
+    assert got["good"] == {"variant": "good", "settings": 3, "mean_rank": pytest.approx((1 + 1 + 3) / 3),
+                           "wins": 2, "ties": 0, "losses": 1}
+    assert got["tie"]["mean_rank"] == pytest.approx((2 + 2 + 1 + 1.5) / 4)
+    assert (got["tie"]["wins"], got["tie"]["ties"], got["tie"]["losses"]) == (1, 3, 0)
+    assert [s["variant"] for s in summary(rows)] == ["original", "good", "tie"]

@@ -1,0 +1,122 @@
+"""dashboards.tables: every output format of `ablate compare` renders and reads back."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from rich.console import Console
+
+from dashboards.stats import compare
+from dashboards.tables import FORMATS, document, print_table, render, write
+
+BASE = [6.61, 6.72, 6.48, 6.90, 6.55]
+
+
+def trials(variant, values, depth=110, status="finished"):
+    return [dict(dataset="cifar10", depth=depth, variant=variant, seed=i, status=status, test_error=v,
+                 train_loss=0.1, train_error=1.0) for i, v in enumerate(values)]
+
+
+@pytest.fixture(scope="module")
+def doc():
+    results = (trials("original", BASE) + trials("full_preact", [5.9, 6.0, 5.8, 6.1, 5.95])
+               + trials("bn_after_add", [8.1, 8.3, 7.9, 8.2, 8.0]) + trials("scale-0", [81.0, 90.0], status="diverged")
+               + trials("original", BASE, depth=20) + trials("full_preact", [6.6], depth=20))
+    rows = compare(results, "original", variant_order=["original", "bn_after_add", "full_preact", "scale-0"])
+    return document("table2-0123abcd", "test_error", rows)
+
+
+def test_document_carries_the_contract_keys(doc):
+    assert list(doc) == ["grid", "metric", "alpha", "rows", "summary"]
+    assert [s["variant"] for s in doc["summary"]] == ["original", "full_preact", "bn_after_add", "scale-0"]
+
+
+def test_table_shows_every_column_and_the_paper_figure(doc):
+    text = render(doc, "table")
+    assert isinstance(text, str) and "\x1b[" not in text
+    for word in ("setting", "variant", "failed", "mean ± std", "95% CI", "Δ [CI]", "p_holm", "P(impr)", "decision",
+                 "paper", "cifar10 ResNet-110", "bn_after_add", "better", "worse", "baseline", "fail", "6.37",
+                 "Across settings", "mean rank"):
+        assert word in text
+    console = Console(record=True, width=250, force_terminal=True)
+    print_table(doc, console)
+    assert "full_preact" in console.export_text(clear=False) and "\x1b[" in console.export_text(styles=True)
+
+
+def test_markdown_has_a_header_row_and_one_line_per_cell(doc):
+    lines = render(doc, "markdown").splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| setting"))
+    assert lines[header].split(" | ")[:3] == ["| setting", "variant", "n"]
+    assert set(lines[header + 1]) <= set("|-: ")
+    body = lines[header + 2: header + 2 + len(doc["rows"])]
+    assert all(line.startswith("| cifar10 ResNet-") for line in body)
+    assert "| scale-0 |" in body[5] and body[5].endswith("| fail |")   # depth 20 sorts first: 2 rows
+    assert any(line.startswith("| variant | settings | mean rank") for line in lines)
+
+
+def test_csv_parses_back_to_the_same_numbers(doc):
+    parsed = list(csv.DictReader(io.StringIO(render(doc, "csv"))))
+    assert len(parsed) == len(doc["rows"])
+    for got, row in zip(parsed, doc["rows"]):
+        assert (got["dataset"], int(got["depth"]), got["variant"]) == (
+            row["setting"]["dataset"], row["setting"]["depth"], row["variant"])
+        assert int(got["n"]) == row["n"] and int(got["failed"]) == row["failed"]
+        assert float(got["mean"]) == row["mean"]
+        assert got["p_holm"] == ("" if row["p_holm"] is None else repr(row["p_holm"]))
+        assert got["seeds"].split() == [str(s) for s in row["seeds"]]
+    scale = parsed[5]
+    assert scale["variant"] == "scale-0" and scale["paper"] == "" and scale["paper_fail"] == "True"
+    assert float(parsed[4]["paper"]) == 6.37 and parsed[4]["paper_fail"] == "False"
+
+
+def test_latex_is_a_booktabs_tabular_with_escapes(doc):
+    tex = render(doc, "latex")
+    lines = tex.splitlines()
+    assert lines[0].startswith(r"\begin{tabular}{") and lines[1] == r"\toprule" and lines[-1] == r"\end{tabular}"
+    assert r"\midrule" in lines and r"\bottomrule" in lines
+    assert r"bn\_after\_add" in tex and r"p\_holm" in tex and r"95\% CI" in tex and r"$\pm$" in tex
+    assert "_" not in tex.replace(r"\_", "") and "%" not in tex.replace(r"\%", "")
+    assert sum(line.endswith(r"\\") for line in lines) == len(doc["rows"]) + 1
+    odd = compare(trials("base", BASE) + trials("a_b&c%#$", BASE), "base")
+    odd_tex = render(document("g", "test_error", odd), "latex")
+    assert r"a\_b\&c\%\#\$" in odd_tex
+
+
+def test_parquet_reads_back_flat(doc, tmp_path):
+    data = render(doc, "parquet")
+    assert isinstance(data, bytes)
+    table = pq.read_table(io.BytesIO(data))
+    assert table.column_names[:3] == ["dataset", "depth", "variant"]
+    assert table.column("n").to_pylist() == [r["n"] for r in doc["rows"]]
+    assert table.column("mean").to_pylist() == [r["mean"] for r in doc["rows"]]
+    assert table.column("seeds").to_pylist() == [r["seeds"] for r in doc["rows"]]
+    assert table.column("paper_fail").to_pylist()[5] is True
+    assert table.schema.metadata[b"ablate.grid"] == b"table2-0123abcd"
+    write(doc, "parquet", tmp_path / "t.parquet")
+    assert pq.read_table(tmp_path / "t.parquet").equals(table)
+
+
+def test_json_round_trips(doc, tmp_path):
+    assert json.loads(render(doc, "json")) == doc
+    without = {k: v for k, v in doc.items() if k not in ("summary", "alpha")}
+    assert json.loads(render(without, "json")) == doc   # summary computed, alpha defaulted
+    write(doc, "json", tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text()) == doc
+
+
+def test_every_format_renders_an_empty_table_and_unknown_formats_are_refused():
+    empty = document("g", "test_error", [])
+    for fmt in FORMATS:
+        assert render(empty, fmt)
+    with pytest.raises(ValueError, match="markdown"):
+        render(empty, "html")
+
+
+def test_interval_label_follows_alpha_and_losses_get_more_digits():
+    rows = compare(trials("original", BASE) + trials("v", [6.0, 6.1, 5.9]), "original", metric="train_loss",
+                   alpha=0.1)
+    text = render(document("g", "train_loss", rows, alpha=0.1), "markdown")
+    assert "90% CI" in text and "0.1000" in text
