@@ -163,7 +163,11 @@ def comparison(store, grid_id: str, metric: str = "test_error", baseline: str | 
     base = baseline or spec.baseline_name
     if base not in spec.variant_names():
         raise UsageError(f"baseline {base!r} is not a variant of this grid: {', '.join(spec.variant_names())}")
-    rows = compare(store.results_table(grid_id), baseline=base, metric=metric, variant_order=spec.variant_names())
+    try:
+        rows = compare(store.results_table(grid_id), baseline=base, metric=metric,
+                       variant_order=spec.variant_names())
+    except ValueError as exc:  # e.g. the baseline has no trials in this grid yet
+        raise UsageError(str(exc)) from None
     return document(grid_id, metric, rows)
 
 
@@ -172,9 +176,20 @@ def cmd_run(args: argparse.Namespace) -> Any:
     from .scheduler import GridInterrupted, GridRunner
     from .tracking import ui_command
     spec = load_grid(args.grid)
+    if args.max_seeds is not None and not args.until_decided:
+        raise UsageError("--max-seeds goes with --until-decided")
     store = _store()
+    runner = GridRunner(store=store, progress=True)
     try:
-        out = GridRunner(store=store, progress=True).run(spec)
+        if args.until_decided:
+            from .adaptive import run_until_decided
+            max_seeds = args.max_seeds or 4 * len(spec.seed_list)
+            try:
+                out = run_until_decided(runner, spec, max_seeds, args.batch)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        else:
+            out = runner.run(spec)
     except GridInterrupted as exc:
         print(f"interrupted: the grid stays resumable; run `ablate run {args.grid}` again", file=sys.stderr)
         raise SystemExit(130) from exc
@@ -311,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", "run a grid to completion on RAY_ADDRESS or a local Ray; the same command resumes")
     p.add_argument("grid", help="a grid file (YAML or JSON) or a bundled grid name (`ablate grids`)")
+    p.add_argument("--until-decided", action="store_true",
+                   help="add batches of seeds to undecided comparisons only (group-sequential α spending)")
+    p.add_argument("--max-seeds", type=int, help="seed cap per variant with --until-decided (default 4× the grid's)")
+    p.add_argument("--batch", type=int, help="seeds added per look (default: the grid's seed count)")
     p = command("status", "trial counts per state, for one grid or all")
     p.add_argument("grid", nargs="?", help="grid id or name (newest grid of that name)")
     p = command("cancel", "cancel a grid: queued trials are cancelled, running ones stopped")

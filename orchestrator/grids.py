@@ -252,3 +252,9 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
                     config = TrialConfig(model=model, dataset=dataset, subset=spec.subset, recipe=recipe, seed=seed)
                     trials.append(GridTrial(dataset, depth, name, seed, config))
     return trials
+
+
+def expand_cells(spec: GridSpec, cells: set[tuple[str, int, str]], seeds: list[int]) -> list[GridTrial]:
+    """Trials for some (dataset, depth, variant) cells of the grid under other seeds (adaptive seeding)."""
+    more = expand_grid(spec.model_copy(update={"seeds": seeds}))
+    return [t for t in more if (t.dataset, t.depth, t.variant) in cells]

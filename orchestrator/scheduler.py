@@ -118,11 +118,14 @@ class GridRunner:
         return pending
 
     # -------------------------------------------------------------------------------------------- run
-    def run(self, spec: GridSpec, sync_timeout_s: float = 60.0) -> dict[str, Any]:
+    def run(self, spec: GridSpec, sync_timeout_s: float = 60.0, extra: list[GridTrial] = ()) -> dict[str, Any]:
+        """Run the grid, plus `extra` trials added to it (more seeds for some cells), to completion."""
         import ray
 
         trials = expand_grid(spec)
         _reject_duplicates(trials)
+        known = {t.key for t in trials}
+        trials += [t for t in {t.key: t for t in extra}.values() if t.key not in known]
         grid_id = spec.grid_id()
         self.store.register_grid(grid_id, spec.name, spec.model_dump(mode="json", by_alias=True), trials)
         rows = {t["key"]: t for t in self.store.grid_trials(grid_id)}
