@@ -23,10 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# The main job: a real grid on embedded defaults (local Ray, sqlite state and MLflow under .ablate/).
 demo: setup
-	$(VENV)/bin/ablate models --depth 110
-	$(VENV)/bin/ablate probe --depth 110 --variant scale-0.5 --dataset fashion-mnist
-	$(VENV)/bin/ablate train --dataset fashion-mnist --depth 20 --unit full_preact --recipe mini-cpu
+	$(VENV)/bin/ablate run demo
 
 test: setup
 	$(PY) -m pytest -q

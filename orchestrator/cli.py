@@ -195,7 +195,8 @@ def cmd_run(args: argparse.Namespace) -> Any:
         raise SystemExit(130) from exc
     out["comparison"] = comparison(store, out["grid"])
     print(f"MLflow: {ui_command(out['tracking_uri'])}", file=sys.stderr)
-    out["exit_code"] = 1 if out["counts"]["error"] else 0
+    ended_well = out["counts"]["finished"] + out["counts"]["diverged"] == out["trials"]
+    out["exit_code"] = 0 if ended_well else 1
     return out
 
 
