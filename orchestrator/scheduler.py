@@ -118,16 +118,21 @@ class GridRunner:
         return pending
 
     # -------------------------------------------------------------------------------------------- run
-    def run(self, spec: GridSpec, sync_timeout_s: float = 60.0, extra: list[GridTrial] = ()) -> dict[str, Any]:
-        """Run the grid, plus `extra` trials added to it (more seeds for some cells), to completion."""
-        import ray
-
+    def submit(self, spec: GridSpec, extra: list[GridTrial] = ()) -> str:
+        """Validate, expand and record the grid (no training yet); returns its id. Idempotent."""
         trials = expand_grid(spec)
         _reject_duplicates(trials)
         known = {t.key for t in trials}
         trials += [t for t in {t.key: t for t in extra}.values() if t.key not in known]
         grid_id = spec.grid_id()
         self.store.register_grid(grid_id, spec.name, spec.model_dump(mode="json", by_alias=True), trials)
+        return grid_id
+
+    def run(self, spec: GridSpec, sync_timeout_s: float = 60.0, extra: list[GridTrial] = ()) -> dict[str, Any]:
+        """Run the grid, plus `extra` trials added to it (more seeds for some cells), to completion."""
+        import ray
+
+        grid_id = self.submit(spec, extra)
         rows = {t["key"]: t for t in self.store.grid_trials(grid_id)}
         before = {k: t["status"] for k, t in rows.items()}
         reused = sum(1 for s in before.values() if s in DONE)
