@@ -155,20 +155,11 @@ def _find_grid(store, ref: str):
 
 
 def comparison(store, grid_id: str, metric: str = "test_error", baseline: str | None = None) -> dict[str, Any]:
-    import json as _json
-    from dashboards.stats import compare
-    from dashboards.tables import document
-    from .grids import parse_grid
-    spec = parse_grid(_json.loads(store.grid(grid_id).spec))
-    base = baseline or spec.baseline_name
-    if base not in spec.variant_names():
-        raise UsageError(f"baseline {base!r} is not a variant of this grid: {', '.join(spec.variant_names())}")
+    from .results import BadRequest, comparison as compute
     try:
-        rows = compare(store.results_table(grid_id), baseline=base, metric=metric,
-                       variant_order=spec.variant_names())
-    except ValueError as exc:  # e.g. the baseline has no trials in this grid yet
+        return compute(store, grid_id, metric, baseline)
+    except BadRequest as exc:
         raise UsageError(str(exc)) from None
-    return document(grid_id, metric, rows)
 
 
 def cmd_run(args: argparse.Namespace) -> Any:
@@ -200,16 +191,87 @@ def cmd_run(args: argparse.Namespace) -> Any:
     return out
 
 
+DEFAULT_SERVER = "http://127.0.0.1:8600"
+
+
+def http(args: argparse.Namespace, method: str, path: str, body: bytes | None = None,
+         content_type: str = "application/yaml") -> Any:
+    """Call the service at --server (or $ABLATE_SERVER); 4xx answers become one-line CLI errors."""
+    import os
+    import urllib.error
+    import urllib.request
+    base = (args.server or os.environ.get("ABLATE_SERVER") or DEFAULT_SERVER).rstrip("/")
+    request = urllib.request.Request(f"{base}{path}", data=body, method=method)
+    if body is not None:
+        request.add_header("Content-Type", content_type)
+    if os.environ.get("ABLATE_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['ABLATE_TOKEN']}")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("detail")
+        except ValueError:
+            detail = exc.reason
+        raise UsageError(f"server answered {exc.code}: {detail}") from None
+    except urllib.error.URLError as exc:
+        raise UsageError(f"cannot reach the Ablate service at {base}: {exc.reason}") from None
+
+
+def _quote(segment: str) -> str:
+    import urllib.parse
+    return urllib.parse.quote(segment, safe="")
+
+
+def cmd_submit(args: argparse.Namespace) -> Any:
+    from .grids import load_grid
+    spec = load_grid(args.grid)  # validate here: a bad file fails before any network call
+    return http(args, "POST", "/grids", json.dumps(spec.model_dump(mode="json", by_alias=True,
+                                                                    exclude_none=True)).encode(),
+                "application/json")
+
+
+def cmd_serve(args: argparse.Namespace) -> Any:
+    import ipaddress
+    import os
+    import uvicorn
+    from .api import create_app
+    from .service import GridService
+    token = os.environ.get("ABLATE_TOKEN") or None
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        raise UsageError(f"--host must be an IP address or localhost, got {args.host!r}") from None
+    if not loopback and token is None:
+        raise UsageError(f"refusing to serve on {args.host} without ABLATE_TOKEN: anyone on the network could "
+                         f"submit work; set ABLATE_TOKEN (clients send it as a bearer token)")
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must lie in 1..65535, got {args.port}")
+    service = GridService()
+    service.start()
+    print(f"ablate serve: http://{args.host}:{args.port}/ (state {service.store.url}, MLflow {service.tracker.uri})",
+          file=sys.stderr)
+    uvicorn.run(create_app(service, token=token, mlflow_url=args.mlflow_url), host=args.host, port=args.port,
+                log_level="warning")
+    service.stop()
+    return {"stopped": True}
+
+
 def cmd_status(args: argparse.Namespace) -> Any:
+    if args.server:
+        return http(args, "GET", f"/grids/{_quote(args.grid)}") if args.grid else {"grids": http(args, "GET", "/grids")}
     store = _store()
     if args.grid is None:
         return {"grids": [{"id": g.id, "name": g.name, "cancelled": g.cancelled, **store.counts(g.id)}
                           for g in store.grids()]}
-    row = _find_grid(store, args.grid)
-    return {"grid": row.id, "name": row.name, "cancelled": row.cancelled, **store.counts(row.id)}
+    from .results import grid_status
+    return grid_status(store, _find_grid(store, args.grid).id)
 
 
 def cmd_cancel(args: argparse.Namespace) -> Any:
+    if args.server:
+        return http(args, "DELETE", f"/grids/{_quote(args.grid)}")
     store = _store()
     row = _find_grid(store, args.grid)
     return {"grid": row.id, "cancelled_queued": store.cancel_grid(row.id), **store.counts(row.id)}
@@ -230,8 +292,13 @@ def cmd_compare(args: argparse.Namespace) -> Any:
     from dashboards.tables import FORMATS, render
     if args.format not in FORMATS:
         raise UsageError(f"unknown format {args.format!r}; choose one of: {', '.join(FORMATS)}")
-    store = _store()
-    doc = comparison(store, _find_grid(store, args.grid).id, args.metric, args.baseline)
+    if args.server:
+        import urllib.parse
+        query = urllib.parse.urlencode({"metric": args.metric, **({"baseline": args.baseline} if args.baseline else {})})
+        doc = http(args, "GET", f"/grids/{_quote(args.grid)}/comparison?{query}")
+    else:
+        store = _store()
+        doc = comparison(store, _find_grid(store, args.grid).id, args.metric, args.baseline)
     if args.format == "parquet" and not args.output:
         raise UsageError("--format parquet needs -o FILE")
     if args.json or args.format == "json":
@@ -245,6 +312,15 @@ def cmd_compare(args: argparse.Namespace) -> Any:
     return Rendered(rendered)
 
 
+def cmd_report(args: argparse.Namespace) -> Any:
+    from .reporting import grid_report
+    store = _store()
+    row = _find_grid(store, args.grid)
+    target = Path(args.output or f"{row.id}.html")
+    target.write_text(grid_report(store, row.id, args.mlflow_url))
+    return {"grid": row.id, "written": str(target)}
+
+
 class Rendered(str):
     """Already formatted output: printed as it is."""
 
@@ -254,7 +330,9 @@ def print_human(name: str, result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
     console = Console()
-    if isinstance(result, Rendered):
+    if name == "submit":
+        print(result["id"])
+    elif isinstance(result, Rendered):
         sys.stdout.write(result if result.endswith("\n") else result + "\n")
     elif name == "run":
         from dashboards.tables import print_table
@@ -296,7 +374,8 @@ def print_human(name: str, result: Any) -> None:
 # ------------------------------------------------------------------------------------------------- parser
 COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "models": cmd_models, "probe": cmd_probe, "train": cmd_train, "run": cmd_run, "status": cmd_status,
-    "cancel": cmd_cancel, "grids": cmd_grids, "compare": cmd_compare}
+    "cancel": cmd_cancel, "grids": cmd_grids, "compare": cmd_compare, "submit": cmd_submit, "serve": cmd_serve,
+    "report": cmd_report}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,8 +412,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="seeds added per look (default: the grid's seed count)")
     p = command("status", "trial counts per state, for one grid or all")
     p.add_argument("grid", nargs="?", help="grid id or name (newest grid of that name)")
+    p.add_argument("--server", help="ask the Ablate service at URL instead of the local state")
     p = command("cancel", "cancel a grid: queued trials are cancelled, running ones stopped")
     p.add_argument("grid")
+    p.add_argument("--server", help="the Ablate service at URL")
+    p = command("submit", "submit a grid to the Ablate service; prints its id")
+    p.add_argument("grid", help="a grid file (YAML or JSON) or a bundled grid name")
+    p.add_argument("--server", help=f"service URL (default $ABLATE_SERVER or {DEFAULT_SERVER})")
+    p = command("serve", "the HTTP service: submitted grids run in the background")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs ABLATE_TOKEN)")
+    p.add_argument("--port", type=int, default=8600)
+    p.add_argument("--mlflow-url", help="MLflow UI base URL for links in reports")
+    p = command("report", "a self-contained HTML report of a grid")
+    p.add_argument("grid")
+    p.add_argument("-o", "--output", help="write to FILE (default: GRID.html)")
+    p.add_argument("--mlflow-url", help="MLflow UI base URL for links")
     command("grids", "bundled grids: the paper's Tables 1-3 and CPU-scale versions")
     p = command("compare", "the comparison table of a grid")
     p.add_argument("grid")
@@ -342,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="variant to compare against (default: the grid's baseline)")
     p.add_argument("--format", default="table", help="table, markdown, csv, json, latex, parquet")
     p.add_argument("-o", "--output", help="write to FILE")
+    p.add_argument("--server", help="ask the Ablate service at URL instead of the local state")
     return parser
 
 

@@ -209,6 +209,11 @@ def load_grid(source: str | os.PathLike | dict) -> GridSpec:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise GridError(f"cannot read grid file {path}: {exc}") from None
+    return parse_grid_text(text)
+
+
+def parse_grid_text(text: str) -> GridSpec:
+    """A grid from YAML or JSON text only (never a path or a preset name: what the HTTP API takes)."""
     try:
         data = yaml.safe_load(text)  # safe: a grid file never constructs Python objects
     except yaml.YAMLError as exc:

@@ -57,12 +57,13 @@ class GridRunner:
 
     def __init__(self, store: StateStore | None = None, tracker: Tracker | None = None,
                  trial_fn: Callable[[dict], dict] = execute_trial, progress: bool = True,
-                 data_dir: str | None = None):
+                 data_dir: str | None = None, share: Callable[[], int] = lambda: 1):
         self.store = store or StateStore()
         self.tracker = tracker or Tracker()
         self.trial_fn = trial_fn
         self.progress = progress
         self.data_dir = data_dir
+        self.share = share  # how many grids share the cluster now: each gets that fraction of the slots
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # Syncing ended trials to MLflow happens off the scheduling loop, one call at a time.
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-sync")
@@ -144,7 +145,6 @@ class GridRunner:
                                                    retry_exceptions=False)
         total = ray.cluster_resources()
         slots = max(1, int(min(total.get("CPU", 1) / cpu, total.get("GPU", 0) / gpu if gpu else float("inf"))))
-        max_inflight = 2 * slots
 
         todo = [k for k, s in before.items() if s not in DONE]
         inflight: dict[Any, tuple[str, float]] = {}
@@ -154,7 +154,7 @@ class GridRunner:
         display = _Progress(len(before), reused, enabled=self.progress)
         try:
             while todo or inflight or waiting_on_others:
-                while todo and len(inflight) < max_inflight:
+                while todo and len(inflight) < max(1, 2 * slots // max(1, self.share())):
                     key = todo.pop(0)
                     if not self.store.claim(key, self.owner):
                         waiting_on_others.add(key)  # someone else runs it (or it ended meanwhile)
