@@ -33,7 +33,7 @@ class StateError(RuntimeError):
 
 
 class Base(DeclarativeBase):
-    pass
+    """Ablate's tables, all prefixed `ablate_`: Optuna's studies share this database (its `trials` table)."""
 
 
 class Meta(Base):
@@ -43,7 +43,7 @@ class Meta(Base):
 
 
 class GridRow(Base):
-    __tablename__ = "grids"
+    __tablename__ = "ablate_grids"
     id: Mapped[str] = mapped_column(String(100), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), index=True)
     spec: Mapped[str] = mapped_column(Text)
@@ -53,7 +53,7 @@ class GridRow(Base):
 
 
 class TrialRow(Base):
-    __tablename__ = "trials"
+    __tablename__ = "ablate_trials"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     config: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -69,9 +69,9 @@ class TrialRow(Base):
 
 
 class GridTrialRow(Base):
-    __tablename__ = "grid_trials"
-    grid_id: Mapped[str] = mapped_column(ForeignKey("grids.id"), primary_key=True)
-    trial_key: Mapped[str] = mapped_column(ForeignKey("trials.key"), primary_key=True)
+    __tablename__ = "ablate_grid_trials"
+    grid_id: Mapped[str] = mapped_column(ForeignKey("ablate_grids.id"), primary_key=True)
+    trial_key: Mapped[str] = mapped_column(ForeignKey("ablate_trials.key"), primary_key=True)
     dataset: Mapped[str] = mapped_column(String(32))
     depth: Mapped[int] = mapped_column(Integer)
     variant: Mapped[str] = mapped_column(String(64))
@@ -82,9 +82,9 @@ class GridTrialRow(Base):
 
 
 class AttemptRow(Base):
-    __tablename__ = "attempts"
+    __tablename__ = "ablate_attempts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    trial_key: Mapped[str] = mapped_column(ForeignKey("trials.key"), index=True)
+    trial_key: Mapped[str] = mapped_column(ForeignKey("ablate_trials.key"), index=True)
     owner: Mapped[str] = mapped_column(String(100))
     started_at: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
