@@ -2,18 +2,24 @@
 # Both ensure the environment first and are safe to repeat.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Debian packages: real Fashion-MNIST for the demo and the real-data tests.
-APT_PACKAGES := dataset-fashion-mnist
+# Debian packages: real Fashion-MNIST for the main job; for the tests also a browser, docker-compose
+# (validates the deployment without an engine) and PostgreSQL (the distributed end-to-end test).
+APT_RUNTIME := dataset-fashion-mnist
+APT_TEST := $(APT_RUNTIME) chromium docker-compose postgresql
 
-.PHONY: setup system demo test
+.PHONY: setup setup-test apt demo test
 
-setup: system $(VENV)/.installed
+setup: $(VENV)/.installed
+	@$(MAKE) --no-print-directory apt PACKAGES="$(APT_RUNTIME)"
 
-system:
+setup-test: $(VENV)/.installed
+	@$(MAKE) --no-print-directory apt PACKAGES="$(APT_TEST)"
+
+apt:
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  missing=$$(for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	  if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi; \
-	else echo "note: not root or no apt-get; install $(APT_PACKAGES) yourself or set ABLATE_DATA_DIR"; fi
+	else echo "note: not root or no apt-get; install $(PACKAGES) yourself (or set ABLATE_DATA_DIR)"; fi
 
 # torch 2.14.1 / torchvision 0.29.1 are what these machines install from local disk.
 $(VENV)/.installed: pyproject.toml
@@ -27,5 +33,5 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/ablate run demo
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -q
