@@ -4,7 +4,8 @@ Imports neither `workers` nor `orchestrator`. Names load their modules (scipy, p
 use, so that importing the package, and `ablate --help`, stays instant.
 """
 _LAZY = {"compare": "stats", "summary": "stats", "results_to_arrow": "stats", "FORMATS": "tables",
-         "document": "tables", "render": "tables", "write": "tables", "print_table": "tables"}
+         "document": "tables", "render": "tables", "write": "tables", "print_table": "tables",
+         "render_report": "report"}
 
 
 def __getattr__(name: str):

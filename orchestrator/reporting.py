@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 
 from .results import comparison, grid_spec, grid_status
 from .state import StateStore
 
 # A probe is one forward/backward pass at initialisation on the server's CPU: fine up to ResNet-164.
 PROBE_MAX_DEPTH = 170
+# matplotlib's rc settings are process-global: the service renders one report at a time.
+_RENDER_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=64)
@@ -47,4 +50,5 @@ def grid_report(store: StateStore, grid_id: str, mlflow_url: str | None = None) 
                            "grad_ratio_first_last": probe["grad_ratio_first_last"]})
     grid = {"id": grid_id, "name": spec.name, "counts": grid_status(store, grid_id),
             "spec": spec.model_dump(mode="json", by_alias=True)}
-    return render_report(comparison(store, grid_id), rows, grid, probes, mlflow_url)
+    with _RENDER_LOCK:
+        return render_report(comparison(store, grid_id), rows, grid, probes, mlflow_url)
