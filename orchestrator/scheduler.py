@@ -25,6 +25,7 @@ from .state import DONE, STALE_AFTER_S, StateStore, ablate_home
 from .tracking import MlflowSink, Tracker
 
 HEARTBEAT_EVERY_S = STALE_AFTER_S / 4
+QUEUE_SLACK_S = 600.0
 POLL_S = 0.2
 
 
@@ -37,7 +38,8 @@ def execute_trial(task: dict[str, Any]) -> dict[str, Any]:
     from workers.trainer import TrialConfig, run_trial
     sink = MlflowSink(task["tracking_uri"], task["run_id"]) if task.get("run_id") else None
     return run_trial(TrialConfig.model_validate_json(task["config"]), checkpoint_dir=task["checkpoint_dir"],
-                     sink=sink, threads=task["threads"], device=task["device"], data_dir=task.get("data_dir"))
+                     sink=sink, threads=task["threads"], device=task["device"], data_dir=task.get("data_dir"),
+                     time_limit_s=task.get("timeout_s"))
 
 
 def ensure_ray() -> None:
@@ -163,6 +165,7 @@ class GridRunner:
                     task = {"config": trial["config"], "checkpoint_dir": str(checkpoint_root() / key),
                             "threads": max(1, int(cpu)), "device": "cuda" if gpu > 0 else "cpu",
                             "data_dir": spec.data_dir or self.data_dir, "tracking_uri": self.tracker.uri,
+                            "timeout_s": spec.timeout_s,
                             "run_id": self._child_run(spec, grid_id, trial)}
                     inflight[remote.remote(task)] = (key, time.time())
                 if inflight:
@@ -175,11 +178,14 @@ class GridRunner:
                     executed += self._record(spec, grid_id, key, ref, todo)
                 now = time.time()
                 if spec.timeout_s:
-                    for ref, (key, started) in list(inflight.items()):
-                        if now - started > spec.timeout_s:
+                    # Each attempt enforces its own limit; this backstop only catches a task that never
+                    # reports back (queueing and Ray's retries after node loss are allowed for).
+                    backstop = spec.timeout_s * (spec.max_retries + 1) + QUEUE_SLACK_S
+                    for ref, (key, submitted) in list(inflight.items()):
+                        if now - submitted > backstop:
                             ray.cancel(ref, force=True)
                             inflight.pop(ref)
-                            if self.store.fail(key, self.owner, f"timed out after {spec.timeout_s:g} s",
+                            if self.store.fail(key, self.owner, f"no answer after {backstop:g} s",
                                                spec.max_retries) == "queued":
                                 todo.append(key)
                 if now - last_beat > HEARTBEAT_EVERY_S:
@@ -230,13 +236,16 @@ class GridRunner:
 
     def _record(self, spec: GridSpec, grid_id: str, key: str, ref, todo: list[str]) -> int:
         import ray
-        from ray.exceptions import TaskCancelledError
+        from ray.exceptions import RayTaskError, TaskCancelledError
         try:
             result = ray.get(ref)
         except TaskCancelledError:
             return 0
-        except Exception as exc:  # the trial raised, or Ray gave up on it after its own retries
-            state = self.store.fail(key, self.owner, _first_line(exc, 2000), spec.max_retries)
+        except Exception as exc:
+            # The trial raised (RayTaskError): retry it, resuming its checkpoint, up to max_retries times.
+            # Anything else means Ray already spent its own max_retries on lost workers or nodes: final.
+            retries = spec.max_retries if isinstance(exc, RayTaskError) else 0
+            state = self.store.fail(key, self.owner, _first_line(exc, 2000), retries)
             if state == "queued":
                 todo.append(key)
             else:

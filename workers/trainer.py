@@ -37,6 +37,10 @@ PAD = 4  # pad-4 random crop (He et al. 2016, CIFAR recipe)
 EVAL_BATCH = 1000
 
 
+class TrialTimeout(RuntimeError):
+    """The attempt ran past its time limit."""
+
+
 class TrialConfig(BaseModel):
     """Everything that decides a trial's outcome; its hash is the trial's identity."""
 
@@ -142,8 +146,11 @@ def trial_config(model_fields: dict[str, Any], dataset: str, recipe: Recipe, see
 
 def run_trial(config: TrialConfig, *, checkpoint_dir: str | os.PathLike | None = None, sink: MetricsSink | None = None,
               device: str | torch.device | None = None, threads: int | None = None, data_dir: str | None = None,
-              compile_model: bool | None = None) -> dict[str, Any]:
+              compile_model: bool | None = None, time_limit_s: float | None = None) -> dict[str, Any]:
     """Train one trial to the end (or to divergence) and return its result record.
+
+    `time_limit_s` bounds this attempt's wall time: past it, TrialTimeout is raised between two steps
+    (checkpoints already written stay, so a retry resumes).
 
     With `checkpoint_dir`, resumes from the newest readable checkpoint of the same configuration and
     writes one every `checkpoint_every` iterations plus `result.json` at the end.
@@ -181,8 +188,11 @@ def run_trial(config: TrialConfig, *, checkpoint_dir: str | os.PathLike | None =
 
     status, diverged_at = "finished", None
     window_start, window_images = time.perf_counter(), 0
+    deadline = time.monotonic() + time_limit_s if time_limit_s else math.inf
     model.train()
     for it in range(start, recipe.iterations):
+        if time.monotonic() > deadline:
+            raise TrialTimeout(f"the trial ran past its time limit of {time_limit_s:g} s at iteration {it}")
         idx = batches.indices(it).to(device)
         gen = torch.Generator().manual_seed(_stream_seed(config.seed, STREAM_AUGMENT, it))
         xb = normalise(train_x[idx], mean, scale)
