@@ -199,3 +199,12 @@ def test_train_on_real_fashion_mnist():
     out = r.json
     assert out["status"] == "finished" and out["iterations"] == 120
     assert out["test_error"] < 50.0 and math.isfinite(out["train_loss"])  # chance: 90%
+
+
+def test_time_limit_stops_an_attempt_and_keeps_its_checkpoints(tmp_path):
+    from workers.trainer import TrialTimeout
+    run_trial(tiny_trial(0, iterations=40), checkpoint_dir=tmp_path, threads=1)
+    checkpoints(tmp_path)[0].unlink()  # back to iteration 30
+    with pytest.raises(TrialTimeout, match="time limit of 1e-09 s at iteration 30"):
+        run_trial(tiny_trial(0), checkpoint_dir=tmp_path, threads=1, time_limit_s=1e-9)
+    assert [f.name for f in checkpoints(tmp_path)] == ["ckpt-000000030.pt"]
