@@ -5,7 +5,8 @@ typo fails with the list of choices before any module is built.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -98,17 +99,29 @@ class ModelSpec(BaseModel):
         return self.unit in ("relu_only_preact", "full_preact")
 
 
+def validation_reason(exc: ValidationError, subject: str) -> str:
+    """pydantic's first error in one line: the field path, the reason and, for type errors, the value."""
+    err = exc.errors()[0]
+    # Union members show up in the path as type names ("str", "list[...]", "int"): not fields.
+    where = ".".join(str(p) for p in err["loc"] if not re.match(r"^(str|int|float|list\[|dict\[|[A-Z]\w*Spec$)", str(p)))
+    value = "" if err["type"] == "value_error" else f" (got {err.get('input')!r})"
+    return f"{where or subject}: {err['msg'].removeprefix('Value error, ')}{value}"
+
+
+def raise_one_line(exc: ValidationError, error: type[ValueError], subject: str) -> NoReturn:
+    """Re-raise a validation failure as `error` with one line; our own errors inside pass through."""
+    inner = (exc.errors()[0].get("ctx") or {}).get("error")
+    if isinstance(inner, error):
+        raise inner from None
+    raise error(validation_reason(exc, subject)) from None
+
+
 def make_spec(**fields: Any) -> ModelSpec:
     """ModelSpec from loose input, with pydantic's errors turned into one SpecError line."""
     try:
         return ModelSpec(**fields)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, SpecError):
-            raise ctx_error from None
-        where = ".".join(str(p) for p in err["loc"]) or "model"
-        raise SpecError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
+        raise_one_line(exc, SpecError, "model")
 
 
 # Named variants: the paper's figures as a few lines of data each. A grid names these or writes its own.

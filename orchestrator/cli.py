@@ -41,10 +41,9 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
 def one_line(exc: BaseException) -> str:
     """The reason for a bad input, in one line (pydantic's errors name the field and the value)."""
     from pydantic import ValidationError
+    from ablations.spec import validation_reason
     if isinstance(exc, ValidationError):
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        return f"{where}: {err['msg']} (got {err.get('input')!r})"
+        return validation_reason(exc, "input")
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ablations.paper import GRIDS
-from ablations.spec import DATASET_SHAPES, MODEL_FIELDS, VARIANTS, SpecError, make_spec, variant_fields
+from ablations.spec import (DATASET_SHAPES, MODEL_FIELDS, VARIANTS, SpecError, make_spec, raise_one_line,
+                            variant_fields)
 
 NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
 DEFAULT_MAX_TRIALS = 5000
@@ -175,13 +176,6 @@ class GridTrial:
         return self.config.key()
 
 
-def _format_validation(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "list[", "VariantSpec", "int")))
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{where or 'grid'}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "value_error" else "")
-
-
 def parse_grid(data: Any) -> GridSpec:
     if not isinstance(data, dict):
         raise GridError(f"a grid is a mapping of fields (name, dataset, depths, variants, seeds, …), "
@@ -189,7 +183,7 @@ def parse_grid(data: Any) -> GridSpec:
     try:
         return GridSpec.model_validate(data)
     except ValidationError as exc:
-        raise GridError(_format_validation(exc)) from None
+        raise_one_line(exc, GridError, "grid")
 
 
 def load_grid(source: str | os.PathLike | dict) -> GridSpec:

@@ -15,7 +15,7 @@ from orchestrator.grids import load_grid
 from orchestrator.scheduler import GridRunner
 from orchestrator.state import StateStore
 from orchestrator.tracking import Tracker
-from tests.helpers import ROOT, ablate
+from tests.helpers import ROOT, ablate, wait_for
 
 SMOKE = {"name": "smoke-t", "dataset": "synthetic", "subset": 512, "recipe": "smoke", "depths": [8],
          "block": "basic", "width": 4, "variants": ["original", "full_preact"], "seeds": 2}
@@ -70,19 +70,23 @@ def test_failing_trials_retry_then_error(ablate_home, local_ray, tmp_path):
     assert trial["attempts"] == 2 and "cifar-10-batches-py" in trial["error"]
 
 
+def start_grid(tmp_path, grid, **env_extra):
+    """`ablate run` on a grid file in a subprocess; returns it, its environment, its store and grid id."""
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps(grid))
+    env = {**os.environ, "ABLATE_HOME": str(tmp_path / "home"), **env_extra}
+    env.pop("RAY_ADDRESS", None)
+    proc = run_cli(grid_file, env)
+    state_db = tmp_path / "home" / "state.db"
+    assert wait_for(state_db.exists, 60)
+    return proc, grid_file, env, StateStore(f"sqlite:///{state_db}"), load_grid(grid).grid_id()
+
+
 def run_cli(grid_file, env, **kw):
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(grid_file), "--json"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **kw)
 
-
-def wait_for(predicate, timeout=120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.mark.slow
@@ -90,16 +94,8 @@ def test_orchestrator_killed_mid_grid_then_rerun_loses_and_repeats_nothing(tmp_p
     grid = {**SMOKE, "name": "crash", "seeds": 3, "recipe": {"base": "smoke", "iterations": 160,
                                                              "checkpoint_every": 10, "eval_every": 80,
                                                              "milestones": [120]}}
-    grid_file = tmp_path / "grid.json"
-    grid_file.write_text(json.dumps(grid))
-    env = {**os.environ, "ABLATE_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": mlflow_server.uri,
-           "ABLATE_STALE_AFTER_S": "4"}
-    env.pop("RAY_ADDRESS", None)
-    proc = run_cli(grid_file, env)
-    state_db = tmp_path / "home" / "state.db"
-    assert wait_for(state_db.exists, 60)
-    store = StateStore(f"sqlite:///{state_db}")
-    grid_id = load_grid(grid).grid_id()
+    proc, grid_file, env, store, grid_id = start_grid(tmp_path, grid, MLFLOW_TRACKING_URI=mlflow_server.uri,
+                                                      ABLATE_STALE_AFTER_S="4")
     assert wait_for(lambda: store.grid(grid_id) is not None and store.counts(grid_id)["finished"] >= 1
                     and store.counts(grid_id)["running"] >= 1, 240), proc.stderr.read() if proc.poll() else ""
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
@@ -125,15 +121,7 @@ def test_ctrl_c_leaves_a_resumable_grid(tmp_path):
     grid = {**SMOKE, "name": "sigint", "seeds": 2, "recipe": {"base": "smoke", "iterations": 400,
                                                               "checkpoint_every": 10, "eval_every": 200,
                                                               "milestones": [300]}}
-    grid_file = tmp_path / "grid.json"
-    grid_file.write_text(json.dumps(grid))
-    env = {**os.environ, "ABLATE_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": ""}
-    env.pop("RAY_ADDRESS", None)
-    proc = run_cli(grid_file, env)
-    state_db = tmp_path / "home" / "state.db"
-    assert wait_for(state_db.exists, 60)
-    store = StateStore(f"sqlite:///{state_db}")
-    grid_id = load_grid(grid).grid_id()
+    proc, _, _, store, grid_id = start_grid(tmp_path, grid, MLFLOW_TRACKING_URI="")
     assert wait_for(lambda: store.grid(grid_id) is not None and store.counts(grid_id)["running"] >= 1, 120)
     time.sleep(3)
     proc.send_signal(signal.SIGINT)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from orchestrator.state import StateStore
 from tests.conftest import free_port, wait_http
-from tests.helpers import ROOT, ablate
+from tests.helpers import ROOT, ablate, wait_for
 
 GRID = {"name": "served", "dataset": "synthetic", "subset": 512, "depths": [8], "block": "basic", "width": 4,
         "variants": ["original", "full_preact"], "seeds": 2,
@@ -52,14 +51,6 @@ class Server:
             body = r.read()
             return json.loads(body) if r.headers.get_content_type() == "application/json" else body.decode()
 
-
-def wait_for(predicate, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from typing import Any, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ablations.spec import raise_one_line
+
 
 class RecipeError(ValueError):
     """An unknown recipe, an unknown field or a value out of range; one line."""
@@ -87,12 +89,7 @@ def make_recipe(fields: Mapping[str, Any]) -> Recipe:
     try:
         return Recipe(**fields)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        inner = (err.get("ctx") or {}).get("error")
-        if isinstance(inner, RecipeError):
-            raise inner from None
-        where = ".".join(str(p) for p in err["loc"]) or "recipe"
-        raise RecipeError(f"recipe {where}: {err['msg']} (got {err.get('input')!r})") from None
+        raise_one_line(exc, RecipeError, "recipe")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
