@@ -320,6 +320,24 @@ def cmd_report(args: argparse.Namespace) -> Any:
     return {"grid": row.id, "written": str(target)}
 
 
+def cmd_tune(args: argparse.Namespace) -> Any:
+    from .tracking import ui_command
+    from .tuning import StudyInterrupted, TuneError, run_study
+    try:
+        out = run_study(args.spec)
+    except TuneError as exc:
+        raise UsageError(str(exc)) from None
+    except StudyInterrupted as exc:
+        print(f"interrupted: the study stays resumable; run `ablate tune {args.spec}` again", file=sys.stderr)
+        raise SystemExit(130) from exc
+    print(f"MLflow: {ui_command(out['tracking_uri'])}", file=sys.stderr)
+    if out["tuned_recipe"]:
+        print(f"use it in a grid as `recipe: {out['tuned_recipe']}`", file=sys.stderr)
+    # Like `run`: 1 when crashed trials left the study short of n_trials (a rerun tops it up).
+    out["exit_code"] = 0 if out["n_complete"] + out["n_pruned"] >= out["n_trials"] else 1
+    return out
+
+
 class Rendered(str):
     """Already formatted output: printed as it is."""
 
@@ -374,7 +392,7 @@ def print_human(name: str, result: Any) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "models": cmd_models, "probe": cmd_probe, "train": cmd_train, "run": cmd_run, "status": cmd_status,
     "cancel": cmd_cancel, "grids": cmd_grids, "compare": cmd_compare, "submit": cmd_submit, "serve": cmd_serve,
-    "report": cmd_report}
+    "report": cmd_report, "tune": cmd_tune}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write to FILE (default: GRID.html)")
     p.add_argument("--mlflow-url", help="MLflow UI base URL for links")
     command("grids", "bundled grids: the paper's Tables 1-3 and CPU-scale versions")
+    p = command("tune", "an Optuna study over recipe fields on a validation split; the same command resumes it")
+    p.add_argument("spec", help="a tuning spec file (YAML or JSON); see README 'Tuning recipes'")
     p = command("compare", "the comparison table of a grid")
     p.add_argument("grid")
     p.add_argument("--metric", default="test_error", choices=("test_error", "train_loss", "train_error"))

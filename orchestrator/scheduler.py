@@ -123,7 +123,8 @@ class GridRunner:
     # -------------------------------------------------------------------------------------------- run
     def submit(self, spec: GridSpec, extra: list[GridTrial] = ()) -> str:
         """Validate, expand and record the grid (no training yet); returns its id. Idempotent."""
-        trials = expand_grid(spec)
+        from .tuning import load_tuned
+        trials = expand_grid(spec, tuned=load_tuned(self.store.url))
         _reject_duplicates(trials)
         known = {t.key for t in trials}
         trials += [t for t in {t.key: t for t in extra}.values() if t.key not in known]
