@@ -46,8 +46,14 @@ class GridService:
             return max(1, sum(t.is_alive() for t in self._running.values()))
 
     def has_work(self, grid_id: str) -> bool:
+        if self.store.is_cancelled(grid_id):
+            return False
         counts = self.store.counts(grid_id)
-        return counts["queued"] + counts["running"] > 0 and not self.store.is_cancelled(grid_id)
+        if counts["queued"] + counts["running"] > 0:
+            return True
+        # Ended trials whose MLflow runs could not be synced yet (server down): the runner syncs them.
+        return any(not t["mlflow_synced"] for t in self.store.grid_trials(grid_id)
+                   if t["status"] in ("finished", "diverged", "error"))
 
     def _run_grid(self, grid_id: str, spec: GridSpec) -> None:
         try:

@@ -54,7 +54,7 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
 class MlflowSink(MetricsSink):
     """Buffers metrics and logs them in batches from a daemon thread; never raises into training."""
 
-    def __init__(self, uri: str, run_id: str, flush_every: float = 2.0, close_timeout: float = 30.0):
+    def __init__(self, uri: str, run_id: str, flush_every: float = 2.0, close_timeout: float = 10.0):
         self.uri, self.run_id, self.flush_every, self.close_timeout = uri, run_id, flush_every, close_timeout
         self._buffer: list[Any] = []
         self._lock = threading.Lock()
@@ -95,7 +95,7 @@ class MlflowSink(MetricsSink):
         deadline = time.time() + self.close_timeout
         while self._buffer and time.time() < deadline:
             if not self._flush():
-                time.sleep(1.0)
+                break  # server unreachable: don't hold the slot; the driver's sync logs the rest
         # Whatever is still buffered is in the trial's result history; the driver's sync logs it.
 
 
