@@ -3,6 +3,11 @@
 A placement is a token pattern around each convolution of the residual branch F and after the addition;
 one ResidualUnit class reads it, for the basic (3×3, 3×3) and bottleneck (1×1, 3×3, 1×1) blocks alike.
 Shortcuts differ in structure only twice: a plain path h(x) = λ·P(x) and a gated one; each is one class.
+
+Every module also takes `groups` (default 1): k independent copies of itself side by side, as channel
+groups. Widths stay per copy; the module holds k× the channels, every convolution has `groups=k`, BN
+normalises each channel on its own, and the option-A padding pads within each group, so copy g reads
+and writes only channels [g·C, (g+1)·C) and k networks train as one (workers/fused.py).
 """
 from __future__ import annotations
 
@@ -39,36 +44,45 @@ PLACEMENTS = {
 
 
 def he_init(conv: nn.Conv2d) -> None:
-    """N(0, 2/(k·k·out)), no bias: the reference code's ConvInit (bias removed under cuDNN ≥ 4)."""
-    k = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+    """N(0, 2/(k·k·out)), no bias: the reference code's ConvInit (bias removed under cuDNN ≥ 4).
+    `out` counts one group's output channels: the fan-out of one copy."""
+    k = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels // conv.groups
     nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / k))
 
 
-def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
-    layer = nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2, bias=bias)
+def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, bias: bool = False, groups: int = 1) -> nn.Conv2d:
+    """in_ch → out_ch per copy; with `groups` copies the weight is the copies' weights stacked on dim 0."""
+    layer = nn.Conv2d(groups * in_ch, groups * out_ch, kernel, stride, padding=kernel // 2, bias=bias, groups=groups)
     he_init(layer)
     return layer
 
 
-def tokens_to_modules(tokens: tuple[str, ...], channels: int) -> list[nn.Module]:
-    """Activation tokens (no convolutions) as modules acting on `channels` channels."""
-    return [nn.BatchNorm2d(channels) if t == "bn" else nn.ReLU(inplace=False) for t in tokens]
+def tokens_to_modules(tokens: tuple[str, ...], channels: int, groups: int = 1) -> list[nn.Module]:
+    """Activation tokens (no convolutions) as modules acting on `channels` channels of each copy."""
+    return [nn.BatchNorm2d(groups * channels) if t == "bn" else nn.ReLU(inplace=False) for t in tokens]
 
 
 class ZeroPadShortcut(nn.Module):
     """Option A: the identity, subsampled by the stride and zero-padded to the new width (no parameters)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, groups: int = 1):
         super().__init__()
-        self.stride, self.extra = stride, out_ch - in_ch
+        self.stride, self.extra, self.groups = stride, out_ch - in_ch, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
+        if not self.extra:
+            return x
+        if self.groups == 1:
+            return F.pad(x, (0, 0, 0, 0, 0, self.extra))
+        # Per copy: channels as the last axis split into [copy, channel], zeros appended to each copy's
+        # channels; the result is channels_last, the trainer's layout (padding is exact in any layout).
+        y = x.permute(0, 2, 3, 1).unflatten(3, (self.groups, -1))
+        return F.pad(y, (0, self.extra)).flatten(3).permute(0, 3, 1, 2)
 
 
-def projection(in_ch: int, out_ch: int, stride: int, spec: ModelSpec) -> nn.Module:
+def projection(in_ch: int, out_ch: int, stride: int, spec: ModelSpec, groups: int = 1) -> nn.Module:
     """The path P(x) before any scaling or gating: identity, option A, or a 1×1 convolution.
 
     The 1×1 projection carries BN in the post-activation units (fb.resnet.torch resnet.lua) and none in
@@ -76,14 +90,14 @@ def projection(in_ch: int, out_ch: int, stride: int, spec: ModelSpec) -> nn.Modu
     """
     shape_changes = stride != 1 or in_ch != out_ch
     if spec.shortcut == "conv1x1" or (shape_changes and spec.downsample == "B"):
-        layers: list[nn.Module] = [conv(in_ch, out_ch, 1, stride)]
+        layers: list[nn.Module] = [conv(in_ch, out_ch, 1, stride, groups=groups)]
         if not spec.preact:
-            layers.append(nn.BatchNorm2d(out_ch))
+            layers.append(nn.BatchNorm2d(groups * out_ch))
         return nn.Sequential(*layers)
     if shape_changes:
         if out_ch < in_ch:
             raise ValueError("option A cannot narrow the shortcut")
-        return ZeroPadShortcut(in_ch, out_ch, stride)
+        return ZeroPadShortcut(in_ch, out_ch, stride, groups)
     return nn.Identity()
 
 
@@ -113,10 +127,11 @@ class PlainShortcut(nn.Module):
 class GatedShortcut(nn.Module):
     """g(x) = σ(W_g x + b_g), a 1×1 convolution and a sigmoid; y = (1−g)·P(x) + (g·F or F)."""
 
-    def __init__(self, path: nn.Module, in_ch: int, out_ch: int, stride: int, gate_bias: float, exclusive: bool):
+    def __init__(self, path: nn.Module, in_ch: int, out_ch: int, stride: int, gate_bias: float, exclusive: bool,
+                 groups: int = 1):
         super().__init__()
         self.path, self.exclusive, self.gate_bias = path, exclusive, gate_bias
-        self.gate = conv(in_ch, out_ch, 1, stride, bias=True)
+        self.gate = conv(in_ch, out_ch, 1, stride, bias=True, groups=groups)
         self.init_gate()
 
     def init_gate(self) -> None:
@@ -131,10 +146,10 @@ class GatedShortcut(nn.Module):
         return None
 
 
-def make_shortcut(in_ch: int, out_ch: int, stride: int, spec: ModelSpec) -> nn.Module:
-    path = projection(in_ch, out_ch, stride, spec)
+def make_shortcut(in_ch: int, out_ch: int, stride: int, spec: ModelSpec, groups: int = 1) -> nn.Module:
+    path = projection(in_ch, out_ch, stride, spec, groups)
     if spec.shortcut in ("exclusive_gate", "shortcut_gate"):
-        return GatedShortcut(path, in_ch, out_ch, stride, spec.gate_bias, spec.shortcut == "exclusive_gate")
+        return GatedShortcut(path, in_ch, out_ch, stride, spec.gate_bias, spec.shortcut == "exclusive_gate", groups)
     if spec.shortcut == "scale":
         return PlainShortcut(path, spec.shortcut_scale, spec.residual_scale)
     return PlainShortcut(path, dropout=spec.dropout if spec.shortcut == "dropout" else 0.0)
@@ -148,18 +163,18 @@ EXPANSION = {"basic": 1, "bottleneck": 4}
 class ResidualUnit(nn.Module):
     """x_{l+1} = f(h(x_l) + F(x_l)), with F, h and f read from the placement and the shortcut spec.
 
-    One signature for every unit (in_ch, out_ch, stride, spec, first). `shared` holds the leading
+    One signature for every unit (in_ch, out_ch, stride, spec, first, groups). `shared` holds the leading
     activation when it is applied before the split, feeding both paths: in the network's first unit
     (the activation right after conv1) and in every unit that changes shape, as in the reference code.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, spec: ModelSpec, first: bool = False):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, spec: ModelSpec, first: bool = False, groups: int = 1):
         super().__init__()
         placement = PLACEMENTS[spec.unit]
         kernels = BLOCK_KERNELS[spec.block]
         mid = out_ch // EXPANSION[spec.block]
         share = bool(placement.leading) and (first or stride != 1 or in_ch != out_ch)
-        self.shared = nn.Sequential(*tokens_to_modules(placement.leading, in_ch)) if share else nn.Identity()
+        self.shared = nn.Sequential(*tokens_to_modules(placement.leading, in_ch, groups)) if share else nn.Identity()
         widths = [mid] * (len(kernels) - 1) + [out_ch]
         layers: list[nn.Module] = []
         channels = in_ch
@@ -169,13 +184,13 @@ class ResidualUnit(nn.Module):
                 tokens = tokens[len(placement.leading):]
             # The stride sits on F's first convolution (resnet-pre-act.lua; the basic block has no choice).
             at = tokens.index("conv")
-            layers += tokens_to_modules(tokens[:at], channels)
-            layers.append(conv(channels, width, kernel, stride if i == 0 else 1))
+            layers += tokens_to_modules(tokens[:at], channels, groups)
+            layers.append(conv(channels, width, kernel, stride if i == 0 else 1, groups=groups))
             channels = width
-            layers += tokens_to_modules(tokens[at + 1:], channels)
+            layers += tokens_to_modules(tokens[at + 1:], channels, groups)
         self.branch = nn.Sequential(*layers)
-        self.shortcut = make_shortcut(in_ch, out_ch, stride, spec)
-        self.after_add = nn.Sequential(*tokens_to_modules(placement.after_add, out_ch))
+        self.shortcut = make_shortcut(in_ch, out_ch, stride, spec, groups)
+        self.after_add = nn.Sequential(*tokens_to_modules(placement.after_add, out_ch, groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.shared(x)
