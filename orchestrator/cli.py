@@ -7,6 +7,7 @@ one-line reason. Heavy libraries load inside the commands so that `ablate --help
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -461,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        result = COMMANDS[args.command](args)
+        # Libraries print to standard output (MLflow announces every run it ends): while a command
+        # runs, that goes to standard error, so with --json standard output holds one JSON document.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = COMMANDS[args.command](args)
     except _bad_input_types() as exc:
         message = one_line(exc)
         if args.json:
