@@ -55,10 +55,9 @@ from ablations import ModelSpec, build_model
 from ablations.resnet import ResNet, join_states, split_state
 
 from .checkpoint import CheckpointError, checkpoints, prepare_dir, save_checkpoint
-from .data import load_dataset
 from .sinks import MetricsSink, NullSink
 from .trainer import (EVAL_BATCH, STREAM_AUGMENT, STREAM_STEP, Batches, TrialConfig, _stream_seed, augment,
-                      check_shapes, evaluate, normalise, pick_device)
+                      device_data, evaluate, normalise, pick_device)
 
 
 def check_group(configs: list[TrialConfig]) -> list[int]:
@@ -194,14 +193,7 @@ def run_fused(configs: list[TrialConfig], *, checkpoint_dirs: list[str | os.Path
         return [results[i] for i in range(len(configs))]
     k = len(todo)
 
-    data = load_dataset(base.dataset, data_dir=data_dir, subset=base.subset, validation=base.validation)
-    check_shapes(spec, data)
-    report = data.val if data.val is not None else data.test  # tuning reads validation, never test
-    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
-    eval_x, eval_y = report.x.to(device), report.y.to(device)
-    mean = data.mean.to(device)
-    sample = data.train.x[:10_000].float() - data.mean
-    scale = 1.0 / max(float(sample.std()), 1e-6)
+    data, (train_x, train_y, eval_x, eval_y, mean, scale) = device_data(base, device, data_dir)
 
     model = fused_model(spec, [seeds[i] for i in todo]).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,

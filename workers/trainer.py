@@ -134,6 +134,18 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mean: tor
     return 100.0 * float(wrong) / len(x), float(loss) / len(x)
 
 
+def device_data(config: TrialConfig, device: torch.device, data_dir: str | None):
+    """The dataset resident on the device: train and report (validation, else test) splits, the per-pixel
+    mean and the normalising scale. Tuning reads the validation split, never the test set."""
+    data = load_dataset(config.dataset, data_dir=data_dir, subset=config.subset, validation=config.validation)
+    check_shapes(config.model, data)
+    report = data.val if data.val is not None else data.test
+    sample = data.train.x[:10_000].float() - data.mean
+    scale = 1.0 / max(float(sample.std()), 1e-6)
+    return data, (data.train.x.to(device), data.train.y.to(device), report.x.to(device), report.y.to(device),
+                  data.mean.to(device), scale)
+
+
 def trial_config(model_fields: dict[str, Any], dataset: str, recipe: Recipe, seed: int, subset: int | None = None,
                  validation: float = 0.0) -> TrialConfig:
     """A TrialConfig with the model's input and output shaped by the dataset."""
@@ -161,14 +173,7 @@ def run_trial(config: TrialConfig, *, checkpoint_dir: str | os.PathLike | None =
     folder = prepare_dir(checkpoint_dir) if checkpoint_dir is not None else None
     config_record = config.model_dump(mode="json")
 
-    data = load_dataset(config.dataset, data_dir=data_dir, subset=config.subset, validation=config.validation)
-    check_shapes(spec, data)
-    report = data.val if data.val is not None else data.test  # tuning reads validation, never test
-    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
-    eval_x, eval_y = report.x.to(device), report.y.to(device)
-    mean = data.mean.to(device)
-    sample = data.train.x[:10_000].float() - data.mean
-    scale = 1.0 / max(float(sample.std()), 1e-6)
+    data, (train_x, train_y, eval_x, eval_y, mean, scale) = device_data(config, device, data_dir)
 
     torch.manual_seed(config.seed)
     model = build_model(spec).to(device, memory_format=torch.channels_last)
