@@ -20,7 +20,7 @@ def _probe(config_json: str) -> dict:
     import torch
     from ablations import build_model, probe_propagation
     from ablations.spec import DATASET_SHAPES
-    from workers.trainer import TrialConfig
+    from workers.config import TrialConfig
     config = TrialConfig.model_validate_json(config_json)
     channels, size, classes = DATASET_SHAPES[config.dataset]
     torch.manual_seed(0)

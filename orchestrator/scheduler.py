@@ -16,9 +16,11 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
+
+from workers.sinks import NullSink
 
 from .grids import GridSpec, GridTrial, expand_grid
 from .state import DONE, STALE_AFTER_S, StateStore, ablate_home
@@ -27,6 +29,8 @@ from .tracking import MlflowSink, Tracker
 HEARTBEAT_EVERY_S = STALE_AFTER_S / 4
 QUEUE_SLACK_S = 600.0
 POLL_S = 0.2
+RUN_WAIT_S = 2.0  # how long a submission waits for its MLflow child run before going without live metrics
+LIVE_KEY = "_mlflow_live_run"  # set by a trial whose sink delivered every metric; never stored
 
 
 def checkpoint_root() -> Path:
@@ -37,9 +41,30 @@ def execute_trial(task: dict[str, Any]) -> dict[str, Any]:
     """The Ray task body: one trial, metrics streamed to its MLflow child run when there is one."""
     from workers.trainer import TrialConfig, run_trial
     sink = MlflowSink(task["tracking_uri"], task["run_id"]) if task.get("run_id") else None
-    return run_trial(TrialConfig.model_validate_json(task["config"]), checkpoint_dir=task["checkpoint_dir"],
-                     sink=sink, threads=task["threads"], device=task["device"], data_dir=task.get("data_dir"),
-                     time_limit_s=task.get("timeout_s"))
+    result = run_trial(TrialConfig.model_validate_json(task["config"]), checkpoint_dir=task["checkpoint_dir"],
+                       sink=sink, threads=task["threads"], device=task["device"], data_dir=task.get("data_dir"),
+                       time_limit_s=task.get("timeout_s"))
+    if sink is not None and sink.delivered and result.get("resumed_from") is None:
+        # The live run already holds the whole history: the driver's sync need not read it back.
+        result[LIVE_KEY] = task["run_id"]
+    return result
+
+
+def execute_group(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Ray task body for `fuse_seeds`: seeds of one cell trained as one fused network
+    (workers/fused.py); checkpoints, results and MLflow runs stay per seed."""
+    from workers.fused import run_fused
+    from workers.trainer import TrialConfig
+    sinks = [MlflowSink(t["tracking_uri"], t["run_id"]) if t.get("run_id") else None for t in tasks]
+    first = tasks[0]
+    results = run_fused([TrialConfig.model_validate_json(t["config"]) for t in tasks],
+                        checkpoint_dirs=[t["checkpoint_dir"] for t in tasks],
+                        sinks=[s or NullSink() for s in sinks], threads=first["threads"], device=first["device"],
+                        data_dir=first.get("data_dir"), time_limit_s=first.get("timeout_s"))
+    for task, sink, result in zip(tasks, sinks, results):
+        if sink is not None and sink.delivered and result.get("resumed_from") is None:
+            result[LIVE_KEY] = task["run_id"]
+    return results
 
 
 def ensure_ray() -> None:
@@ -59,10 +84,11 @@ class GridRunner:
 
     def __init__(self, store: StateStore | None = None, tracker: Tracker | None = None,
                  trial_fn: Callable[[dict], dict] = execute_trial, progress: bool = True,
-                 data_dir: str | None = None, share: Callable[[], int] = lambda: 1):
+                 data_dir: str | None = None, share: Callable[[], int] = lambda: 1,
+                 group_fn: Callable[[list[dict]], list[dict]] = execute_group):
         self.store = store or StateStore()
         self.tracker = tracker or Tracker()
-        self.trial_fn = trial_fn
+        self.trial_fn, self.group_fn = trial_fn, group_fn
         self.progress = progress
         self.data_dir = data_dir
         self.share = share  # how many grids share the cluster now: each gets that fraction of the slots
@@ -70,6 +96,7 @@ class GridRunner:
         # Syncing ended trials to MLflow happens off the scheduling loop, one call at a time.
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-sync")
         self._parent_lock = threading.Lock()
+        self._prepared: dict[str, Future] = {}
 
     # ------------------------------------------------------------------------------------------ mlflow
     def _parent_run(self, spec: GridSpec, grid_id: str) -> str | None:
@@ -103,8 +130,21 @@ class GridRunner:
         trial["mlflow_run_id"] = run_id
         return run_id
 
-    def sync_mlflow(self, spec: GridSpec, grid_id: str, keys: set[str] | None = None) -> int:
-        """Bring ended trials' child runs up to their records; returns how many remain unsynced."""
+    def _prepare_run(self, spec: GridSpec, grid_id: str, key: str) -> Future:
+        """Create a trial's child run on the MLflow thread ahead of its submission (idempotent)."""
+        if key not in self._prepared:
+            def create() -> str | None:
+                trials = self.store.grid_trials(grid_id, {key})
+                return self._child_run(spec, grid_id, trials[0]) if trials else None
+            self._prepared[key] = self._syncer.submit(create)
+        return self._prepared[key]
+
+    def sync_mlflow(self, spec: GridSpec, grid_id: str, keys: set[str] | None = None,
+                    live: dict[str, str] | None = None) -> int:
+        """Bring ended trials' child runs up to their records; returns how many remain unsynced.
+
+        `live` maps trial keys to the run their worker's sink fully delivered to: those skip reading back.
+        """
         pending = 0
         for trial in self.store.grid_trials(grid_id, keys):
             if trial["mlflow_synced"] or trial["status"] not in (*DONE, "error"):
@@ -114,7 +154,8 @@ class GridRunner:
                 if run_id is None:
                     raise ConnectionError("no run")
                 result = trial["result"] or {"history": []}
-                self.tracker.sync(run_id, result, trial["status"], str(checkpoint_root() / trial["key"]))
+                self.tracker.sync(run_id, result, trial["status"], str(checkpoint_root() / trial["key"]),
+                                  delivered=(live or {}).get(trial["key"]) == run_id)
                 self.store.set_trial_run(grid_id, trial["key"], synced=True)
             except Exception:
                 pending += 1
@@ -144,53 +185,70 @@ class GridRunner:
 
         ensure_ray()
         cpu, gpu = spec.resources.cpu, spec.resources.gpu
-        remote = ray.remote(self.trial_fn).options(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_retries,
-                                                   retry_exceptions=False)
+        options = dict(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_retries, retry_exceptions=False)
+        remote = ray.remote(self.trial_fn).options(**options)
+        remote_group = ray.remote(self.group_fn).options(**options) if spec.fuse_seeds > 1 else None
         total = ray.cluster_resources()
         slots = max(1, int(min(total.get("CPU", 1) / cpu, total.get("GPU", 0) / gpu if gpu else float("inf"))))
 
         todo = [k for k, s in before.items() if s not in DONE]
-        inflight: dict[Any, tuple[str, float]] = {}
+        inflight: dict[Any, tuple[list[str], float]] = {}  # one Ray task: its trials (a fused group), when
         executed = interrupted = cancelled = 0
         last_beat = last_cancel_check = time.time()
         waiting_on_others: set[str] = set()
         display = _Progress(len(before), reused, enabled=self.progress)
+        self._prepared.clear()
         try:
             while todo or inflight or waiting_on_others:
-                while todo and len(inflight) < max(1, 2 * slots // max(1, self.share())):
-                    key = todo.pop(0)
-                    if not self.store.claim(key, self.owner):
-                        waiting_on_others.add(key)  # someone else runs it (or it ended meanwhile)
+                depth = max(1, 2 * slots // max(1, self.share()))
+                # MLflow child runs are made on the MLflow thread a few trials ahead: the loop only submits.
+                for key in todo[:2 * depth]:
+                    self._prepare_run(spec, grid_id, key)
+                while todo and len(inflight) < depth:
+                    group = _next_group(todo, rows, spec.fuse_seeds)
+                    claimed = [key for key in group if self.store.claim(key, self.owner)]
+                    waiting_on_others.update(set(group) - set(claimed))  # someone else runs them (or ended)
+                    if not claimed:
                         continue
-                    trial = rows[key]
-                    task = {"config": trial["config"], "checkpoint_dir": str(checkpoint_root() / key),
-                            "threads": max(1, int(cpu)), "device": "cuda" if gpu > 0 else "cpu",
-                            "data_dir": spec.data_dir or self.data_dir, "tracking_uri": self.tracker.uri,
-                            "timeout_s": spec.timeout_s,
-                            "run_id": self._child_run(spec, grid_id, trial)}
-                    inflight[remote.remote(task)] = (key, time.time())
+                    tasks = []
+                    for key in claimed:
+                        try:
+                            run_id = self._prepare_run(spec, grid_id, key).result(timeout=RUN_WAIT_S)
+                        except Exception:
+                            run_id = None  # MLflow slow or down: the sync logs this trial's metrics at its end
+                        tasks.append({"config": rows[key]["config"], "checkpoint_dir": str(checkpoint_root() / key),
+                                      "threads": max(1, int(cpu)), "device": "cuda" if gpu > 0 else "cpu",
+                                      "data_dir": spec.data_dir or self.data_dir, "tracking_uri": self.tracker.uri,
+                                      "timeout_s": spec.timeout_s, "run_id": run_id})
+                    ref = remote.remote(tasks[0]) if len(tasks) == 1 else remote_group.remote(tasks)
+                    inflight[ref] = (claimed, time.time())
                 if inflight:
-                    ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=POLL_S)
+                    # Wake on the first trial to end, then take every other one ready by then.
+                    refs = list(inflight)
+                    ready, _ = ray.wait(refs, num_returns=1, timeout=POLL_S)
+                    if ready and len(refs) > 1:
+                        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 else:
                     ready = []
                     time.sleep(POLL_S)
                 for ref in ready:
-                    key, _ = inflight.pop(ref)
-                    executed += self._record(spec, grid_id, key, ref, todo)
+                    keys, _ = inflight.pop(ref)
+                    executed += self._record(spec, grid_id, keys, ref, todo)
                 now = time.time()
                 if spec.timeout_s:
                     # Each attempt enforces its own limit; this backstop only catches a task that never
                     # reports back (queueing and Ray's retries after node loss are allowed for).
                     backstop = spec.timeout_s * (spec.max_retries + 1) + QUEUE_SLACK_S
-                    for ref, (key, submitted) in list(inflight.items()):
+                    for ref, (keys, submitted) in list(inflight.items()):
                         if now - submitted > backstop:
                             ray.cancel(ref, force=True)
                             inflight.pop(ref)
-                            if self.store.fail(key, self.owner, f"no answer after {backstop:g} s",
-                                               spec.max_retries) == "queued":
-                                todo.append(key)
+                            for key in keys:
+                                if self.store.fail(key, self.owner, f"no answer after {backstop:g} s",
+                                                   spec.max_retries) == "queued":
+                                    todo.append(key)
                 if now - last_beat > HEARTBEAT_EVERY_S:
-                    self.store.heartbeat(self.owner, [k for k, _ in inflight.values()])
+                    self.store.heartbeat(self.owner, _keys(inflight))
                     last_beat = now
                     # Trials another owner held: try again once they are queued or their owner went silent.
                     for key in list(waiting_on_others):
@@ -202,18 +260,21 @@ class GridRunner:
                     if self.store.is_cancelled(grid_id):
                         for ref in inflight:
                             ray.cancel(ref, force=True)
-                        cancelled = len(inflight)
-                        self.store.release(self.owner, [k for k, _ in inflight.values()], status="cancelled")
+                        cancelled = len(_keys(inflight))
+                        self.store.release(self.owner, _keys(inflight), status="cancelled")
                         inflight.clear()
                         todo.clear()
                         waiting_on_others.clear()
-                display.update(self.store.counts(grid_id))
+                if display.due(now):
+                    display.update(self.store.counts(grid_id))
         except KeyboardInterrupt:
             interrupted = 1
             for ref in inflight:
                 ray.cancel(ref, force=True)
-            self.store.release(self.owner, [k for k, _ in inflight.values()], status="queued")
+            self.store.release(self.owner, _keys(inflight), status="queued")
         finally:
+            if display.enabled:
+                display.update(self.store.counts(grid_id))
             display.close()
 
         self._syncer.submit(lambda: None).result()  # drain the per-trial syncs queued so far
@@ -235,26 +296,31 @@ class GridRunner:
                 "cancelled": cancelled, "counts": counts, "mlflow_unsynced": unsynced,
                 "tracking_uri": self.tracker.uri, "mlflow_run_id": parent}
 
-    def _record(self, spec: GridSpec, grid_id: str, key: str, ref, todo: list[str]) -> int:
+    def _record(self, spec: GridSpec, grid_id: str, keys: list[str], ref, todo: list[str]) -> int:
+        """Store what one Ray task (a trial, or a fused group of trials) returned; returns how many finished."""
         import ray
         from ray.exceptions import RayTaskError, TaskCancelledError
         try:
-            result = ray.get(ref)
+            answer = ray.get(ref)
         except TaskCancelledError:
             return 0
         except Exception as exc:
             # The trial raised (RayTaskError): retry it, resuming its checkpoint, up to max_retries times.
             # Anything else means Ray already spent its own max_retries on lost workers or nodes: final.
             retries = spec.max_retries if isinstance(exc, RayTaskError) else 0
-            state = self.store.fail(key, self.owner, _first_line(exc, 2000), retries)
-            if state == "queued":
-                todo.append(key)
-            else:
-                self._syncer.submit(self.sync_mlflow, spec, grid_id, {key})
+            for key in keys:
+                if self.store.fail(key, self.owner, _first_line(exc, 2000), retries) == "queued":
+                    todo.append(key)
+                else:
+                    self._syncer.submit(self.sync_mlflow, spec, grid_id, {key})
             return 0
-        recorded = self.store.finish(key, self.owner, result)
-        self._syncer.submit(self.sync_mlflow, spec, grid_id, {key})
-        return int(recorded)
+        recorded, live = 0, {}
+        for key, result in zip(keys, answer if isinstance(answer, list) else [answer]):
+            if run := result.pop(LIVE_KEY, None):
+                live[key] = run
+            recorded += int(self.store.finish(key, self.owner, result))
+        self._syncer.submit(self.sync_mlflow, spec, grid_id, set(keys), live)
+        return recorded
 
 
 class GridInterrupted(Exception):
@@ -264,6 +330,32 @@ class GridInterrupted(Exception):
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     return (text[-1] if text else type(exc).__name__)[:limit]
+
+
+def _keys(inflight: dict[Any, tuple[list[str], float]]) -> list[str]:
+    return [key for keys, _ in inflight.values() for key in keys]
+
+
+def _next_group(todo: list[str], rows: dict[str, dict[str, Any]], size: int) -> list[str]:
+    """Take the next trial from `todo` and, up to `size` in all, later ones that differ from it only in seed."""
+    import json
+    first = todo.pop(0)
+    if size <= 1:
+        return [first]
+
+    def cell(key: str) -> str:
+        config = json.loads(rows[key]["config"])
+        config.pop("seed")
+        return json.dumps(config, sort_keys=True)
+
+    mine, group = cell(first), [first]
+    for key in list(todo):
+        if len(group) == size:
+            break
+        if cell(key) == mine:
+            todo.remove(key)
+            group.append(key)
+    return group
 
 
 def _reject_duplicates(trials: list[GridTrial]) -> None:
@@ -281,6 +373,7 @@ class _Progress:
 
     def __init__(self, total: int, done: int, enabled: bool):
         self.enabled, self.total, self.start_done, self.started = enabled, total, done, time.time()
+        self.drawn = 0.0
         if enabled:
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -289,6 +382,13 @@ class _Progress:
                                 console=Console(stderr=True), transient=False)
             self.task = self.bar.add_task("", total=total, completed=done)
             self.bar.start()
+
+    def due(self, now: float) -> bool:
+        """Redraw at most 4 times a second, and never read counts for a hidden bar."""
+        if not self.enabled or now - self.drawn < 0.25:
+            return False
+        self.drawn = now
+        return True
 
     def update(self, counts: dict[str, int]) -> None:
         if self.enabled:

@@ -88,6 +88,11 @@ class MlflowSink(MetricsSink):
             self._wake.clear()
             self._flush()
 
+    @property
+    def delivered(self) -> bool:
+        """After `close`: every metric logged reached the server."""
+        return self._stop and not self._buffer
+
     def close(self) -> None:
         self._stop = True
         self._wake.set()
@@ -152,16 +157,20 @@ class Tracker:
             self.client.log_batch(run.info.run_id, params=params[i:i + 100])
         return run.info.run_id
 
-    def sync(self, run_id: str, result: dict[str, Any], status: str, checkpoint_dir: str | None = None) -> None:
-        """Make the child run hold every metric of the trial's own record, then terminate it."""
+    def sync(self, run_id: str, result: dict[str, Any], status: str, checkpoint_dir: str | None = None,
+             delivered: bool = False) -> None:
+        """Make the child run hold every metric of the trial's own record, then terminate it.
+
+        `delivered`: the trial's live sink logged its whole history to this run, so nothing is read back.
+        """
         from mlflow.entities import Metric, RunTag
         client = self.client
         missing = []
-        for key in METRICS:
+        for key in () if delivered or not result.get("history") else METRICS:
             have = {m.step for m in client.get_metric_history(run_id, key)}
             missing += [Metric(key, float(h[key]), int(time.time() * 1000), int(h["step"]))
                         for h in result.get("history", []) if h.get(key) is not None and h["step"] not in have]
-        if result.get("status") == "diverged" and result.get("diverged_at") is not None:
+        if not delivered and result.get("status") == "diverged" and result.get("diverged_at") is not None:
             have = {m.step for m in client.get_metric_history(run_id, "test_error")}
             if result["diverged_at"] not in have:
                 missing.append(Metric("test_error", float(result["test_error"]), int(time.time() * 1000),

@@ -61,6 +61,40 @@ def test_grid_runs_once_reuses_and_grows(ablate_home, local_ray, mlflow_server):
     assert len(children(client, grown["mlflow_run_id"])) == 6
 
 
+def test_fused_seed_groups_run_as_one_task_with_per_seed_records_and_runs(ablate_home, local_ray, mlflow_server,
+                                                                        monkeypatch):
+    """`fuse_seeds: 2`: each cell's two seeds train as one Ray task, yet state rows, results, checkpoints and
+    MLflow child runs stay per seed, and the numbers match the same grid trained seed by seed."""
+    runner = GridRunner(store=StateStore(), tracker=Tracker(mlflow_server.uri), progress=False)
+    fused = runner.run(load_grid({**SMOKE, "name": "fused-t", "seeds": 3, "fuse_seeds": 2}))
+    assert (fused["trials"], fused["executed"], fused["counts"]["finished"]) == (6, 6, 6)
+    # A fuse_seeds change is how, not what: the grid is the same and nothing trains again.
+    assert runner.run(load_grid({**SMOKE, "name": "fused-t", "seeds": 3}))["executed"] == 0
+    trials = StateStore().grid_trials(fused["grid"])
+    groups = sorted(t["result"].get("fused", 1) for t in trials)
+    assert groups == [1, 1, 2, 2, 2, 2]  # per variant: seeds 0+1 fused, seed 2 alone (a group of one)
+    for t in trials:
+        assert (ablate_home / "checkpoints" / t["key"] / "result.json").exists()
+    client = MlflowClient(mlflow_server.uri)
+    kids = children(client, fused["mlflow_run_id"])
+    assert sorted(r.data.tags["ablate.seed"] for r in kids) == ["0", "0", "1", "1", "2", "2"]
+    for run in kids:
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_error"))
+        assert steps == [20, 40] and run.info.status == "FINISHED"
+
+    # The same trials one by one, in a fresh store: per seed the same history within float tolerance.
+    monkeypatch.setenv("ABLATE_HOME", str(ablate_home / "solo"))
+    solo = GridRunner(store=StateStore(), tracker=Tracker(mlflow_server.uri), progress=False)
+    out = solo.run(load_grid({**SMOKE, "name": "fused-t", "seeds": 3}))
+    alone = {t["key"]: t["result"] for t in StateStore().grid_trials(out["grid"])}
+    for t in trials:
+        # tests/test_fused.py pins the tolerance tightly; here: the same numbers up to float reordering.
+        for f, a in zip(t["result"]["history"], alone[t["key"]]["history"], strict=True):
+            assert (f["step"], f["lr"]) == (a["step"], a["lr"])
+            assert f["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+            assert abs(f["test_error"] - a["test_error"]) <= 1.0
+
+
 def test_failing_trials_retry_then_error(ablate_home, local_ray, tmp_path):
     spec = load_grid({**SMOKE, "name": "broken", "dataset": "cifar10", "data_dir": str(tmp_path / "nothing"),
                       "seeds": 1, "variants": ["original"], "max_retries": 1})

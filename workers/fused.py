@@ -56,8 +56,8 @@ from ablations.resnet import ResNet, join_states, split_state
 
 from .checkpoint import CheckpointError, checkpoints, prepare_dir, save_checkpoint
 from .sinks import MetricsSink, NullSink
-from .trainer import (EVAL_BATCH, STREAM_AUGMENT, STREAM_STEP, Batches, TrialConfig, _stream_seed, augment,
-                      device_data, evaluate, normalise, pick_device)
+from .trainer import (EVAL_BATCH, STREAM_AUGMENT, STREAM_STEP, Batches, TrialConfig, TrialTimeout, _stream_seed,
+                      augment, device_data, evaluate, normalise, pick_device)
 
 
 def check_group(configs: list[TrialConfig]) -> list[int]:
@@ -166,7 +166,7 @@ def stored_result(folder: Path | None, config: dict[str, Any]) -> dict[str, Any]
 def run_fused(configs: list[TrialConfig], *, checkpoint_dirs: list[str | os.PathLike] | None = None,
               sinks: list[MetricsSink] | None = None, device: str | torch.device | None = None,
               threads: int | None = None, data_dir: str | None = None,
-              compile_model: bool | None = None) -> list[dict[str, Any]]:
+              compile_model: bool | None = None, time_limit_s: float | None = None) -> list[dict[str, Any]]:
     """Train the seeds of one trial together; one result record per config, in order, as run_trial's
     (same keys, plus `fused`: the number of seeds trained together). `checkpoint_dirs` and `sinks`, when
     given, have one entry per config, as run_trial's `checkpoint_dir` and `sink`."""
@@ -220,8 +220,11 @@ def run_fused(configs: list[TrialConfig], *, checkpoint_dirs: list[str | os.Path
 
     active = list(range(k))  # slots still training; slot j is config todo[j]
     window_start, window_images = time.perf_counter(), 0
+    deadline = time.monotonic() + time_limit_s if time_limit_s else math.inf
     model.train()
     for it in range(start, recipe.iterations):
+        if time.monotonic() > deadline:
+            raise TrialTimeout(f"the fused trial ran past its time limit of {time_limit_s:g} s at iteration {it}")
         parts = [seed_batch(train_x, train_y, batches[j], todo_seeds[j], it, mean, scale, recipe.augment)
                  for j in range(k)]
         xb = torch.cat([p[0] for p in parts], 1).contiguous(memory_format=torch.channels_last)  # [B, k·C, H, W]

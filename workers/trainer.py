@@ -10,7 +10,6 @@ on CPU (same thread count). On CUDA, cuDNN and bf16 make runs close, not identic
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -20,43 +19,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
 from ablations import ModelSpec, build_model
 from ablations.spec import DATASET_SHAPES
 
 from .checkpoint import load_latest, prepare_dir, save_checkpoint
+from .config import TrialConfig
 from .data import DataError, Dataset, load_dataset
 from .recipes import Recipe
 from .sinks import MetricsSink, NullSink
 
-# Bump when a change to the code changes what a configuration trains to: it is part of every trial key.
-SCHEMA_VERSION = 1
 PAD = 4  # pad-4 random crop (He et al. 2016, CIFAR recipe)
 EVAL_BATCH = 1000
 
 
 class TrialTimeout(RuntimeError):
     """The attempt ran past its time limit."""
-
-
-class TrialConfig(BaseModel):
-    """Everything that decides a trial's outcome; its hash is the trial's identity."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: ModelSpec
-    dataset: str
-    subset: int | None = Field(None, ge=1)
-    validation: float = Field(0.0, ge=0.0, lt=1.0)
-    recipe: Recipe
-    seed: int = Field(ge=0, le=2**31 - 1)
-    schema_version: int = SCHEMA_VERSION
-
-    def key(self) -> str:
-        """Content hash of the resolved configuration: the same trial in two grids has one key."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
 
 def _stream_seed(*parts: int) -> int:
