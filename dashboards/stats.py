@@ -93,15 +93,24 @@ def results_to_arrow(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Ta
                      else pa.nulls(results.num_rows, f.type) for f in RESULTS_SCHEMA], schema=RESULTS_SCHEMA)
 
 
+def _reference(paper: PaperLookup, setting: tuple[str, int] | None, variant: str, metric: str) -> dict[str, Any]:
+    if setting is None or metric != "test_error":
+        return {"paper_reference": None, "paper_reference_setting": None}
+    value = paper(setting[0], setting[1], variant)
+    return {"paper_reference": value, "paper_reference_setting": None if value is None else f"{setting[0]}-{setting[1]}"}
+
+
 def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, baseline: str,
             metric: str = "test_error", alpha: float = 0.05, delta: float = 0.2,
             fail_threshold: float = FAIL_THRESHOLD, variant_order: list[str] | None = None,
-            paper: PaperLookup = paper_value) -> list[dict[str, Any]]:
+            paper: PaperLookup = paper_value, paper_reference: tuple[str, int] | None = None) -> list[dict[str, Any]]:
     """One JSON-ready row per cell, settings sorted by (dataset, depth), variants in `variant_order`
     (unlisted ones after, by name; without an order: the baseline first, then by name).
 
     `delta` is the equivalence margin in the metric's units; `paper` gives the paper's figure for a cell
-    (test errors only, so rows carry it only when `metric` is `test_error`).
+    (test errors only, so rows carry it only when `metric` is `test_error`). `paper_reference` (dataset,
+    depth) names the paper's setting a CPU-scale grid stands in for: rows then also carry the paper's figure
+    for their variant there as `paper_reference`, with `paper_reference_setting`, never as `paper`.
     """
     frame = _frame(results, metric)
     if frame.empty:
@@ -134,6 +143,7 @@ def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, base
                                **_describe(described.loc[cell] if x.size else None),
                                **_mean_interval(x, alpha), **_NO_COMPARISON,
                                "paper": paper(dataset, int(depth), variant) if metric == "test_error" else None,
+                               **_reference(paper, paper_reference, variant, metric),
                                "seeds": seeds.get(cell, [])}
         if variant == baseline:
             row["decision"] = "baseline"

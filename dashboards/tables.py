@@ -30,6 +30,7 @@ FLAT_SCHEMA = pa.schema([
                                                           "delta", "delta_ci_low", "delta_ci_high", "p_value",
                                                           "p_holm", "effect_size", "p_improve")],
     ("decision", pa.string()), ("paper", pa.float64()), ("paper_fail", pa.bool_()), ("seeds", pa.list_(pa.int64())),
+    ("paper_reference", pa.float64()), ("paper_reference_fail", pa.bool_()), ("paper_reference_setting", pa.string()),
 ])
 SUMMARY_HEADERS = ["variant", "settings", "mean rank", "wins", "ties", "losses"]   # rank 1 = lowest; vs the baseline
 DECISION_STYLES = {"baseline": "bold", "better": "green", "worse": "red", "equivalent": "cyan", "undecided": "dim"}
@@ -110,8 +111,11 @@ def _cells(row: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     p_text = MISSING if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
     g = MISSING if row["effect_size"] is None else f"{row['effect_size']:+.2f}"
     improve = MISSING if row["p_improve"] is None else f"{row['p_improve']:.2f}"
-    paper = row["paper"]
+    paper, reference = row["paper"], row.get("paper_reference")
     paper_text = MISSING if paper is None else paper if isinstance(paper, str) else f"{paper:.2f}"
+    if paper is None and reference is not None:  # a stand-in setting's figure, always labelled with its setting
+        paper_text = (reference if isinstance(reference, str) else f"{reference:.2f}") + \
+            f" ({row['paper_reference_setting']})"
     setting = row["setting"]
     return [f"{setting['dataset']} ResNet-{setting['depth']}", row["variant"], str(row["n"]), str(row["failed"]),
             spread, ci, delta, p_text, g, improve, row["decision"], paper_text]
@@ -126,10 +130,12 @@ def _summary(doc: dict[str, Any]) -> list[list[str]]:
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
-    paper = row["paper"]
-    return {**row["setting"], **{k: row[k] for k in FLAT_SCHEMA.names if k in row and k != "paper"},
+    paper, reference = row["paper"], row.get("paper_reference")
+    return {**row["setting"], **{k: row[k] for k in FLAT_SCHEMA.names if k in row and k not in ("paper", "paper_reference")},
             "paper": None if paper is None or isinstance(paper, str) else float(paper),
-            "paper_fail": paper == "fail"}
+            "paper_fail": paper == "fail",
+            "paper_reference": None if reference is None or isinstance(reference, str) else float(reference),
+            "paper_reference_fail": reference == "fail", "paper_reference_setting": row.get("paper_reference_setting")}
 
 
 # --- formats -----------------------------------------------------------------------------------------

@@ -73,6 +73,11 @@ class GridSpec(BaseModel):
     width: int | None = Field(None, ge=1, le=1024)
     timeout_s: float | None = Field(None, gt=0, description="per-trial wall-clock limit")
     max_retries: int = Field(2, ge=0, le=20, description="retries after an error, each resuming its checkpoint")
+    paper_setting: tuple[Literal["cifar10", "cifar100"], int] | None = Field(
+        None, description="[dataset, depth] of the paper's table this grid stands in for: its figures are shown "
+        "beside the grid's own, labelled with that setting")
+    fuse_seeds: int = Field(1, ge=1, le=64, description="train up to this many seeds of a cell as one fused "
+                            "network in one task (same results per seed within float tolerance)")
 
     @field_validator("dataset")
     @classmethod
@@ -95,6 +100,15 @@ class GridSpec(BaseModel):
         path = Path(value)
         if not path.is_absolute() or ".." in path.parts or "\x00" in value:
             raise ValueError("data_dir must be an absolute path without '..' (every node resolves it alike)")
+        return value
+
+    @field_validator("paper_setting")
+    @classmethod
+    def _paper_setting(cls, value):
+        from ablations.paper import PAPER_RESULTS
+        if value is not None and not any(key[:2] == tuple(value) for key in PAPER_RESULTS):
+            settings = sorted({f"[{d}, {n}]" for d, n, _ in PAPER_RESULTS})
+            raise ValueError(f"the paper has no figures for {list(value)}; it has: {', '.join(settings)}")
         return value
 
     @field_validator("depths")
@@ -158,6 +172,8 @@ class GridSpec(BaseModel):
         """Name plus a hash of the content: the same spec is the same grid (rerunning resumes it)."""
         body = self.model_dump(mode="json", by_alias=True)
         body["seeds"] = self.seed_list
+        body.pop("fuse_seeds")  # how the trials run, not which: the same grid either way
+        body.pop("paper_setting")  # presentation only
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.name}-{digest}"
 
@@ -221,7 +237,7 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
                 max_trials: int | None = None) -> list[GridTrial]:
     """Every (dataset, depth, variant, seed) as a resolved trial, checked before anything runs."""
     from workers.recipes import RecipeError, resolve_recipe
-    from workers.trainer import TrialConfig
+    from workers.config import TrialConfig
 
     cap = max_trials or int(os.environ.get("ABLATE_MAX_TRIALS", DEFAULT_MAX_TRIALS))
     seeds = spec.seed_list

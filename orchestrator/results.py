@@ -38,7 +38,7 @@ def comparison(store: StateStore, grid_id: str, metric: str = "test_error",
         raise BadRequest(f"baseline {base!r} is not a variant of this grid: {', '.join(spec.variant_names())}")
     try:
         rows = compare(store.results_table(grid_id), baseline=base, metric=metric,
-                       variant_order=spec.variant_names())
+                       variant_order=spec.variant_names(), paper_reference=spec.paper_setting)
     except ValueError as exc:  # e.g. the baseline has no trials in this grid yet
         raise BadRequest(str(exc)) from None
     return document(grid_id, metric, rows)

@@ -2,23 +2,26 @@
 failed-run handling, the paper column, ordering and the across-settings summary."""
 from __future__ import annotations
 
+import io
 import json
 import math
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from dashboards.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, RESULTS_SCHEMA, compare, results_to_arrow,
                               summary)
+from dashboards.tables import document, render
 
 BASE = [6.61, 6.72, 6.48, 6.90, 6.55]
 FIELDS = {"setting", "variant", "n", "failed", "mean", "std", "median", "min", "max", "ci_low", "ci_high", "delta",
           "delta_ci_low", "delta_ci_high", "p_value", "p_holm", "effect_size", "p_improve", "decision", "paper",
-          "seeds"}
+          "seeds", "paper_reference", "paper_reference_setting"}
 
 
 def trials(variant: str, values, *, dataset="cifar10", depth=110, status="finished", seed0=0) -> list[dict]:
@@ -225,6 +228,26 @@ def test_paper_column_numbers_fail_and_none():
     assert cell(rows, "original", depth=20)["paper"] is None
     custom = compare(results, "original", paper=lambda dataset, depth, variant: f"{variant}@{depth}")
     assert cell(custom, "mine")["paper"] == "mine@110"
+
+
+def test_a_stand_in_grid_shows_the_reference_setting_labelled_never_as_its_own_paper_figure():
+    results = trials("original", BASE, depth=20) + trials("scale-0.5", [9.0, 9.5, 10.0], depth=20)
+    results += trials("mine", BASE, depth=20)
+    rows = compare(results, "original", paper_reference=("cifar10", 110))
+    assert all(row["paper"] is None for row in rows)  # fashion-mnist-20 is not a cell of the paper
+    assert cell(rows, "original", depth=20)["paper_reference"] == 6.61
+    assert cell(rows, "scale-0.5", depth=20)["paper_reference"] == "fail"
+    assert cell(rows, "original", depth=20)["paper_reference_setting"] == "cifar10-110"
+    assert cell(rows, "mine", depth=20)["paper_reference"] is None
+    assert cell(rows, "mine", depth=20)["paper_reference_setting"] is None
+    assert all(row["paper_reference"] is None for row in compare(results, "original"))
+    text = render(document("g", "test_error", rows), "markdown")
+    assert "6.61 (cifar10-110)" in text and "fail (cifar10-110)" in text
+    flat = pq.read_table(io.BytesIO(render(document("g", "test_error", rows), "parquet"))).to_pylist()
+    by_variant = {r["variant"]: r for r in flat}
+    assert by_variant["original"]["paper_reference"] == 6.61 and by_variant["original"]["paper"] is None
+    assert by_variant["scale-0.5"]["paper_reference_fail"] is True
+    assert by_variant["scale-0.5"]["paper_reference_setting"] == "cifar10-110"
 
 
 def test_rows_follow_the_settings_then_variant_order():
