@@ -41,10 +41,13 @@ class VariantSpec(BaseModel):
     gate_bias: float | None = None
     dropout: float | None = None
     downsample: Literal["A", "B"] | None = None
+    recipe: str | dict[str, Any] | None = Field(
+        None, description="this variant's own recipe (e.g. tuned/<name>) instead of the grid's: compares a "
+        "default and a tuned schedule side by side, as two variants of one setting")
 
     def fields(self) -> dict[str, Any]:
         base = variant_fields(self.base) if self.base else {}
-        own = self.model_dump(exclude={"name", "base"}, exclude_none=True)
+        own = self.model_dump(exclude={"name", "base", "recipe"}, exclude_none=True)
         return {**base, **own}
 
 
@@ -156,6 +159,20 @@ class GridSpec(BaseModel):
         return {(v if isinstance(v, str) else v.name): (variant_fields(v) if isinstance(v, str) else v.fields())
                 for v in self.variants}
 
+    def variant_recipes(self) -> dict[str, str | dict[str, Any]]:
+        """{variant: its recipe}: the grid's, unless the variant names its own."""
+        return {(v if isinstance(v, str) else v.name): (v.recipe if isinstance(v, VariantSpec) and v.recipe
+                                                         is not None else self.recipe) for v in self.variants}
+
+    def tuned_names(self) -> set[str]:
+        """The tuned recipes (`tuned/<name>`) this grid uses, as the grid's base or a variant's."""
+        names = set()
+        for recipe in self.variant_recipes().values():
+            base = recipe if isinstance(recipe, str) else recipe.get("base", "")
+            if isinstance(base, str) and base.startswith("tuned/"):
+                names.add(base.removeprefix("tuned/"))
+        return names
+
     @property
     def datasets(self) -> list[str]:
         return [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
@@ -168,9 +185,16 @@ class GridSpec(BaseModel):
     def baseline_name(self) -> str:
         return self.baseline or self.variant_names()[0]
 
-    def grid_id(self) -> str:
-        """Name plus a hash of the content: the same spec is the same grid (rerunning resumes it)."""
+    def grid_id(self, tuned: dict[str, dict[str, Any]] | None = None) -> str:
+        """Name plus a hash of the content: the same spec is the same grid (rerunning resumes it).
+
+        A grid using `tuned/<name>` hashes that recipe's fields too (from `tuned`): tuning again under the
+        same name makes other trials, so another grid, never a mix of both in one table.
+        """
         body = self.model_dump(mode="json", by_alias=True)
+        names = self.tuned_names()
+        if names:
+            body["tuned"] = {name: (tuned or {}).get(name) for name in sorted(names)}
         body["seeds"] = self.seed_list
         body.pop("fuse_seeds")  # how the trials run, not which: the same grid either way
         body.pop("paper_setting")  # presentation only
@@ -245,10 +269,12 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
     count = len(spec.datasets) * len(spec.depths) * len(variants) * len(seeds)
     if count > cap:
         raise GridError(f"the grid expands to {count} trials, more than the cap of {cap} (ABLATE_MAX_TRIALS)")
-    try:
-        recipe = resolve_recipe(spec.recipe, tuned=tuned)
-    except RecipeError as exc:
-        raise GridError(f"recipe: {exc}") from None
+    recipes = {}
+    for name, recipe in spec.variant_recipes().items():
+        try:
+            recipes[name] = resolve_recipe(recipe, tuned=tuned)
+        except RecipeError as exc:
+            raise GridError(f"recipe: {exc}" if recipe is spec.recipe else f"variants.{name}.recipe: {exc}") from None
     shared = {k: v for k, v in (("block", spec.block), ("width", spec.width)) if v is not None}
     trials = []
     for dataset in spec.datasets:
@@ -264,12 +290,14 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
                 except SpecError as exc:
                     raise GridError(f"variants.{name} at depth {depth}: {exc}") from None
                 for seed in seeds:
-                    config = TrialConfig(model=model, dataset=dataset, subset=spec.subset, recipe=recipe, seed=seed)
+                    config = TrialConfig(model=model, dataset=dataset, subset=spec.subset, recipe=recipes[name],
+                                         seed=seed)
                     trials.append(GridTrial(dataset, depth, name, seed, config))
     return trials
 
 
-def expand_cells(spec: GridSpec, cells: set[tuple[str, int, str]], seeds: list[int]) -> list[GridTrial]:
+def expand_cells(spec: GridSpec, cells: set[tuple[str, int, str]], seeds: list[int],
+                 tuned: dict[str, dict[str, Any]] | None = None) -> list[GridTrial]:
     """Trials for some (dataset, depth, variant) cells of the grid under other seeds (adaptive seeding)."""
-    more = expand_grid(spec.model_copy(update={"seeds": seeds}))
+    more = expand_grid(spec.model_copy(update={"seeds": seeds}), tuned=tuned)
     return [t for t in more if (t.dataset, t.depth, t.variant) in cells]

@@ -165,11 +165,12 @@ class GridRunner:
     def submit(self, spec: GridSpec, extra: list[GridTrial] = ()) -> str:
         """Validate, expand and record the grid (no training yet); returns its id. Idempotent."""
         from .tuning import load_tuned
-        trials = expand_grid(spec, tuned=load_tuned(self.store.url))
+        tuned = load_tuned(self.store.url) if spec.tuned_names() else {}
+        trials = expand_grid(spec, tuned=tuned)
         _reject_duplicates(trials)
         known = {t.key for t in trials}
         trials += [t for t in {t.key: t for t in extra}.values() if t.key not in known]
-        grid_id = spec.grid_id()
+        grid_id = spec.grid_id(tuned)
         self.store.register_grid(grid_id, spec.name, spec.model_dump(mode="json", by_alias=True), trials)
         return grid_id
 

@@ -208,7 +208,9 @@ class StateStore:
         import pyarrow as pa
         query = (select(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed,
                         TrialRow.status, TrialRow.test_error, TrialRow.train_loss, TrialRow.train_error)
-                 .join(TrialRow, TrialRow.key == GridTrialRow.trial_key).where(GridTrialRow.grid_id == grid_id))
+                 .join(TrialRow, TrialRow.key == GridTrialRow.trial_key).where(GridTrialRow.grid_id == grid_id)
+                 # A fixed order: the bootstrap resamples by position, so the same results give the same CI.
+                 .order_by(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed))
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         names = ["dataset", "depth", "variant", "seed", "status", "test_error", "train_loss", "train_error"]

@@ -5,6 +5,7 @@ import pytest
 
 from ablations.paper import GRIDS
 from orchestrator.grids import GridError, expand_grid, load_grid
+from workers.recipes import RECIPES
 
 BASE = {"name": "g", "dataset": "synthetic", "subset": 256, "recipe": "smoke", "depths": [8], "block": "basic",
         "width": 4, "variants": ["original", "full_preact"], "seeds": 2}
@@ -20,6 +21,23 @@ def test_expansion_and_keys():
     more = expand_grid(load_grid({**BASE, "name": "other", "seeds": [0, 1, 2]}))
     assert {t.key for t in trials} < {t.key for t in more}
     assert load_grid(BASE).grid_id() == spec.grid_id() != load_grid({**BASE, "seeds": 3}).grid_id()
+
+
+def test_a_variant_with_its_own_recipe_and_tuned_recipes_in_the_grid_id():
+    tuned_variant = {"name": "original-tuned", "from": "original", "recipe": "tuned/fast"}
+    spec = load_grid({**BASE, "variants": ["original", tuned_variant], "seeds": 1})
+    assert spec.tuned_names() == {"fast"}
+    with pytest.raises(GridError, match=r"variants.original-tuned.recipe: unknown recipe 'tuned/fast'"):
+        expand_grid(spec)
+    fast, faster = {"fast": {**RECIPES["smoke"], "lr": 0.3}}, {"fast": {**RECIPES["smoke"], "lr": 0.5}}
+    default, tuned = expand_grid(spec, tuned=fast)
+    assert default.config.recipe.lr == 0.05 and tuned.config.recipe.lr == 0.3  # smoke's lr, then the tuned one
+    assert default.config.model == tuned.config.model and default.key != tuned.key
+    # Tuning again under the same name makes other trials, hence another grid; fuse_seeds changes nothing.
+    assert spec.grid_id(fast) != spec.grid_id(faster)
+    assert spec.grid_id(fast) == load_grid({**BASE, "variants": ["original", tuned_variant], "seeds": 1,
+                                            "fuse_seeds": 4}).grid_id(fast)
+    assert load_grid(BASE).grid_id() == load_grid(BASE).grid_id({"fast": {"lr": 1.0}})  # unused: ignored
 
 
 def test_variant_mappings_and_yaml_text(tmp_path):

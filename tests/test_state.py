@@ -107,3 +107,13 @@ def test_newer_schema_is_refused(store):
         s.get(Meta, "schema_version").value = "99"
     with pytest.raises(StateError, match="newer than this Ablate"):
         StateStore(store.url)
+
+
+def test_results_table_order_does_not_depend_on_registration_order(store):
+    """The bootstrap CI resamples by position: the same results must come back in the same order."""
+    spec = load_grid({**GRID, "seeds": 4})
+    trials = expand_grid(spec)
+    store.register_grid(spec.grid_id(), spec.name, spec.model_dump(mode="json"), list(reversed(trials)))
+    table = store.results_table(spec.grid_id()).to_pylist()
+    order = [(r["variant"], r["seed"]) for r in table]
+    assert order == sorted(order) and len(order) == 8
