@@ -6,7 +6,7 @@ typo fails with the list of choices before any module is built.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -114,6 +114,30 @@ def raise_one_line(exc: ValidationError, error: type[ValueError], subject: str) 
     if isinstance(inner, error):
         raise inner from None
     raise error(validation_reason(exc, subject)) from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_mapping(model: type[M], data: Any, error: type[ValueError], subject: str, fields: str) -> M:
+    """A spec (grid, tuning study) from parsed YAML/JSON: not a mapping, or invalid, is one `error` line."""
+    if not isinstance(data, dict):
+        raise error(f"a {subject} is a mapping of fields ({fields}), got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise_one_line(exc, error, subject)
+
+
+def load_yaml(text: str, error: type[ValueError], subject: str) -> Any:
+    """YAML (or JSON) text with the safe loader (no Python objects); a syntax error is one `error` line."""
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise error(f"{subject} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
 
 
 def make_spec(**fields: Any) -> ModelSpec:

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ablations.paper import GRIDS
-from ablations.spec import (DATASET_SHAPES, MODEL_FIELDS, VARIANTS, SpecError, make_spec, raise_one_line,
-                            variant_fields)
+from ablations.spec import (DATASET_SHAPES, MODEL_FIELDS, VARIANTS, SpecError, load_yaml, make_spec,
+                            validate_mapping, variant_fields)
 
 NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
 DEFAULT_MAX_TRIALS = 5000
@@ -217,13 +216,7 @@ class GridTrial:
 
 
 def parse_grid(data: Any) -> GridSpec:
-    if not isinstance(data, dict):
-        raise GridError(f"a grid is a mapping of fields (name, dataset, depths, variants, seeds, …), "
-                        f"got {type(data).__name__}")
-    try:
-        return GridSpec.model_validate(data)
-    except ValidationError as exc:
-        raise_one_line(exc, GridError, "grid")
+    return validate_mapping(GridSpec, data, GridError, "grid", "name, dataset, depths, variants, seeds, …")
 
 
 def load_grid(source: str | os.PathLike | dict) -> GridSpec:
@@ -248,13 +241,7 @@ def load_grid(source: str | os.PathLike | dict) -> GridSpec:
 
 def parse_grid_text(text: str) -> GridSpec:
     """A grid from YAML or JSON text only (never a path or a preset name: what the HTTP API takes)."""
-    try:
-        data = yaml.safe_load(text)  # safe: a grid file never constructs Python objects
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise GridError(f"grid is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
-    return parse_grid(data)
+    return parse_grid(load_yaml(text, GridError, "grid"))
 
 
 def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,

@@ -34,12 +34,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import Float, Integer, String, Text, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from ablations.spec import DATASET_SHAPES, VARIANTS, raise_one_line, variant_fields
+from ablations.spec import DATASET_SHAPES, VARIANTS, load_yaml, validate_mapping, variant_fields
 from workers.sinks import MetricsSink
 
 from .grids import NAME_PATTERN, Resources, VariantSpec
@@ -191,13 +190,7 @@ def _decode(field: str, value: Any) -> Any:
 
 
 def parse_tune_spec(data: Any) -> TuneSpec:
-    if not isinstance(data, dict):
-        raise TuneError(f"a tuning spec is a mapping (name, dataset, depth, space, n_trials, …), "
-                        f"got {type(data).__name__}")
-    try:
-        return TuneSpec.model_validate(data)
-    except ValidationError as exc:
-        raise_one_line(exc, TuneError, "tune spec")
+    return validate_mapping(TuneSpec, data, TuneError, "tune spec", "name, dataset, depth, space, n_trials, …")
 
 
 def load_tune_spec(source: str | os.PathLike | dict) -> TuneSpec:
@@ -212,13 +205,7 @@ def load_tune_spec(source: str | os.PathLike | dict) -> TuneSpec:
             raise TuneError(f"tuning spec file {source} does not exist") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise TuneError(f"cannot read tuning spec {source}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise TuneError(f"tuning spec is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
-    return parse_tune_spec(data)
+    return parse_tune_spec(load_yaml(text, TuneError, "tuning spec"))
 
 
 # ------------------------------------------------------------------------------- space, recipes, pruners

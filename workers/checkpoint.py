@@ -12,7 +12,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -66,22 +66,28 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), reverse=True)
 
 
-def load_latest(folder: Path, config: dict[str, Any], device: torch.device) -> dict[str, Any] | None:
-    """The newest readable checkpoint of this configuration, or None to start from scratch."""
-    found = checkpoints(folder)
-    for path in found:
+def readable(folder: Path, config: dict[str, Any], device: torch.device) -> Iterator[dict[str, Any]]:
+    """This configuration's readable checkpoints, newest first: weights only, a corrupt or truncated file
+    skipped with a warning (never half a state), another trial's files refused (CheckpointError)."""
+    for path in checkpoints(folder):
         try:
             state = torch.load(path, map_location=device, weights_only=True)
             if not isinstance(state, dict) or not {"model", "optimizer", "iteration", "config"} <= set(state):
                 raise ValueError("missing fields")
-        except Exception as exc:  # any unreadable file: fall back, never load half a state
-            warnings.warn(f"skipping unreadable checkpoint {path.name} (corrupt or truncated: "
-                          f"{type(exc).__name__}); trying an older one", stacklevel=2)
+        except Exception as exc:  # any unreadable file: skip it
+            warnings.warn(f"skipping unreadable checkpoint {folder.name}/{path.name} (corrupt or truncated: "
+                          f"{type(exc).__name__}); trying an older one", stacklevel=3)
             continue
         if state["config"] != config:
             raise CheckpointError(f"checkpoint folder {folder} holds another trial's checkpoints "
                                   f"({path.name}); use a fresh folder for this configuration")
+        yield state
+
+
+def load_latest(folder: Path, config: dict[str, Any], device: torch.device) -> dict[str, Any] | None:
+    """The newest readable checkpoint of this configuration, or None to start from scratch."""
+    for state in readable(folder, config, device):
         return state
-    if found:
+    if checkpoints(folder):
         warnings.warn(f"no readable checkpoint in {folder}: starting from iteration 0", stacklevel=2)
     return None

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from ablations import ModelSpec, build_model
 from ablations.resnet import ResNet, join_states, split_state
 
-from .checkpoint import CheckpointError, checkpoints, prepare_dir, save_checkpoint
+from .checkpoint import prepare_dir, readable, save_checkpoint
 from .sinks import MetricsSink, NullSink
 from .trainer import (EVAL_BATCH, STREAM_AUGMENT, STREAM_STEP, Batches, TrialConfig, TrialTimeout, _stream_seed,
                       augment, device_data, evaluate, normalise, pick_device)
@@ -133,23 +133,8 @@ def join_optimizers(states: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def readable_checkpoints(folder: Path, config: dict[str, Any], device: torch.device) -> dict[int, dict[str, Any]]:
-    """Every readable checkpoint of this configuration in the folder, by iteration (as load_latest reads
-    them: weights only, corrupt files skipped with a warning, another trial's files refused)."""
-    found = {}
-    for path in checkpoints(folder):
-        try:
-            state = torch.load(path, map_location=device, weights_only=True)
-            if not isinstance(state, dict) or not {"model", "optimizer", "iteration", "config"} <= set(state):
-                raise ValueError("missing fields")
-        except Exception as exc:  # any unreadable file: skip it, never load half a state
-            warnings.warn(f"skipping unreadable checkpoint {folder.name}/{path.name} (corrupt or truncated: "
-                          f"{type(exc).__name__})", stacklevel=2)
-            continue
-        if state["config"] != config:
-            raise CheckpointError(f"checkpoint folder {folder} holds another trial's checkpoints "
-                                  f"({path.name}); use a fresh folder for this configuration")
-        found[int(state["iteration"])] = state
-    return found
+    """Every readable checkpoint of this configuration in the folder, by iteration (as run_trial reads them)."""
+    return {int(state["iteration"]): state for state in readable(folder, config, device)}
 
 
 def stored_result(folder: Path | None, config: dict[str, Any]) -> dict[str, Any] | None:
