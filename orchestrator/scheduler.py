@@ -97,6 +97,7 @@ class GridRunner:
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-sync")
         self._parent_lock = threading.Lock()
         self._prepared: dict[str, Future] = {}
+        self._orphans: dict[str, str] = {}  # trial key → a child run a killed driver created but never saved
 
     # ------------------------------------------------------------------------------------------ mlflow
     def _parent_run(self, spec: GridSpec, grid_id: str) -> str | None:
@@ -123,7 +124,9 @@ class GridRunner:
             return None
         import json
         try:
-            run_id = self.tracker.start_trial(spec.name, grid_id, parent, trial, json.loads(trial["config"]))
+            # A driver killed between creating a run and saving its id left it behind: adopt it.
+            run_id = self._orphans.pop(trial["key"], None) or self.tracker.start_trial(
+                spec.name, grid_id, parent, trial, json.loads(trial["config"]))
         except Exception:
             return None
         self.store.set_trial_run(grid_id, trial["key"], run_id=run_id)
@@ -182,7 +185,15 @@ class GridRunner:
         rows = {t["key"]: t for t in self.store.grid_trials(grid_id)}
         before = {k: t["status"] for k, t in rows.items()}
         reused = sum(1 for s in before.values() if s in DONE)
-        self._parent_run(spec, grid_id)
+        resumed = self.store.grid(grid_id).mlflow_run_id
+        parent = self._parent_run(spec, grid_id)
+        self._orphans = {}
+        if resumed and any(not t["mlflow_run_id"] for t in rows.values()):
+            try:
+                known = {t["mlflow_run_id"] for t in rows.values()}
+                self._orphans = {k: r for k, r in self.tracker.child_runs(spec.name, parent).items() if r not in known}
+            except Exception:
+                pass  # MLflow unreachable: nothing to adopt now
 
         ensure_ray()
         cpu, gpu = spec.resources.cpu, spec.resources.gpu

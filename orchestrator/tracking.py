@@ -157,6 +157,17 @@ class Tracker:
             self.client.log_batch(run.info.run_id, params=params[i:i + 100])
         return run.info.run_id
 
+    def child_runs(self, name: str, parent_run_id: str) -> dict[str, str]:
+        """{trial key: run id} of the parent's child runs (one search, paged)."""
+        found, token = {}, None
+        while True:
+            page = self.client.search_runs([self.experiment(name)], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                           max_results=1000, page_token=token)
+            found.update({r.data.tags["ablate.trial"]: r.info.run_id for r in page if "ablate.trial" in r.data.tags})
+            token = page.token
+            if not token:
+                return found
+
     def sync(self, run_id: str, result: dict[str, Any], status: str, checkpoint_dir: str | None = None,
              delivered: bool = False) -> None:
         """Make the child run hold every metric of the trial's own record, then terminate it.

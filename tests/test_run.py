@@ -95,6 +95,24 @@ def test_fused_seed_groups_run_as_one_task_with_per_seed_records_and_runs(ablate
             assert abs(f["test_error"] - a["test_error"]) <= 1.0
 
 
+def test_a_child_run_left_unsaved_by_a_killed_driver_is_adopted_not_duplicated(ablate_home, local_ray,
+                                                                               mlflow_server):
+    """A driver killed between MLflow's create_run and saving the id leaves a run the state does not know."""
+    spec = load_grid({**SMOKE, "name": "orphan-t", "seeds": 1})
+    runner = GridRunner(store=StateStore(), tracker=Tracker(mlflow_server.uri), progress=False)
+    grid_id = runner.submit(spec)
+    parent = runner._parent_run(spec, grid_id)
+    trial = StateStore().grid_trials(grid_id)[0]
+    stray = runner.tracker.start_trial(spec.name, grid_id, parent, trial, json.loads(trial["config"]))
+
+    out = GridRunner(store=StateStore(), tracker=Tracker(mlflow_server.uri), progress=False).run(spec)
+    assert out["counts"]["finished"] == 2 and out["mlflow_unsynced"] == 0
+    kids = children(MlflowClient(mlflow_server.uri), parent)
+    assert sorted(r.data.tags["ablate.variant"] for r in kids) == ["full_preact", "original"]
+    adopted = [r for r in kids if r.data.tags["ablate.trial"] == trial["key"]]
+    assert [r.info.run_id for r in adopted] == [stray] and adopted[0].info.status == "FINISHED"
+
+
 def test_failing_trials_retry_then_error(ablate_home, local_ray, tmp_path):
     spec = load_grid({**SMOKE, "name": "broken", "dataset": "cifar10", "data_dir": str(tmp_path / "nothing"),
                       "seeds": 1, "variants": ["original"], "max_retries": 1})
