@@ -2,8 +2,8 @@
 
 40 trials of about 0.5 s (a sleep, so the measure is pure scheduling overhead) on 2 slots of one local
 Ray. Ablate goes through everything it does for real trials: grid expansion, the state store (claims,
-heartbeats, results), and MLflow (parent run, a child run per trial created before submission and
-synced after). Ray Tune runs the same 40 configurations as a `grid_search` with one CPU per trial.
+heartbeats, results), and MLflow (parent run, a child run per trial created on the driver's MLflow
+thread ahead of submission, and synced after). Ray Tune runs the same 40 configurations as a `grid_search` with one CPU per trial.
 
     efficiency = Σ trial time / (slots × makespan)     (1.0 = the slots never idle)
 
