@@ -146,14 +146,24 @@ class StateStore:
                 s.add(GridRow(id=grid_id, name=name, spec=json.dumps(spec), created_at=now, cancelled=False))
             else:
                 grid.cancelled = False
+            trials = list(trials)
+            keys = list({t.key for t in trials})
+            rows: dict[str, TrialRow] = {}
+            for i in range(0, len(keys), 500):  # a few queries, not two per trial
+                rows.update({r.key: r for r in s.scalars(select(TrialRow).where(TrialRow.key.in_(keys[i:i + 500])))})
+            linked = set(s.scalars(select(GridTrialRow.trial_key).where(GridTrialRow.grid_id == grid_id)))
             for t in trials:
-                row = s.get(TrialRow, t.key)
+                row = rows.get(t.key)
                 if row is None:
-                    s.add(TrialRow(key=t.key, config=t.config.model_dump_json(), status="queued", attempts=0,
-                                   updated_at=now))
+                    rows[t.key] = TrialRow(key=t.key, config=t.config.model_dump_json(), status="queued", attempts=0,
+                                           updated_at=now)
+                    s.add(rows[t.key])
                 elif row.status in ("error", "cancelled"):
                     row.status, row.attempts, row.error, row.updated_at = "queued", 0, None, now
-                if s.get(GridTrialRow, (grid_id, t.key)) is None:
+            s.flush()  # grid and trial rows first: the links below refer to them
+            for t in trials:
+                if t.key not in linked:
+                    linked.add(t.key)
                     s.add(GridTrialRow(grid_id=grid_id, trial_key=t.key, dataset=t.dataset, depth=t.depth,
                                        variant=t.variant, seed=t.seed))
 
