@@ -145,7 +145,8 @@ class StateStore:
             if grid is None:
                 s.add(GridRow(id=grid_id, name=name, spec=json.dumps(spec), created_at=now, cancelled=False))
             else:
-                grid.cancelled = False
+                # Same id, same trials; presentation fields (paper_setting) may have changed: keep the latest.
+                grid.cancelled, grid.spec = False, json.dumps(spec)
             trials = list(trials)
             keys = list({t.key for t in trials})
             rows: dict[str, TrialRow] = {}
