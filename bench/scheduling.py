@@ -26,14 +26,14 @@ TRIAL_S = 0.5
 
 def sleep_trial(task: dict) -> dict:
     """A trial that only takes time: what is left of a run is scheduling overhead."""
-    start = time.perf_counter()
+    began, start = time.time(), time.perf_counter()
     time.sleep(TRIAL_S)
     took = time.perf_counter() - start
     return {"status": "finished", "test_error": 50.0, "train_loss": 1.0, "train_error": 50.0, "history": [],
-            "iterations": 1, "resumed_from": None, "took": took}
+            "iterations": 1, "resumed_from": None, "took": took, "began": began, "ended": time.time()}
 
 
-def run_ablate(trials: int, workdir: Path) -> tuple[float, float]:
+def run_ablate(trials: int, workdir: Path, slots: int = 2) -> tuple[float, float]:
     from orchestrator.grids import load_grid
     from orchestrator.scheduler import GridRunner
     from orchestrator.state import StateStore
@@ -46,11 +46,16 @@ def run_ablate(trials: int, workdir: Path) -> tuple[float, float]:
     tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}")
     tracker.experiment(spec.name)  # MLflow creates its schema on first use: not scheduling
     runner = GridRunner(store=store, tracker=tracker, trial_fn=sleep_trial, progress=False)
-    start = time.perf_counter()
+    wall, start = time.time(), time.perf_counter()
     out = runner.run(spec)
     makespan = time.perf_counter() - start
     assert out["counts"]["finished"] == trials and out["mlflow_unsynced"] == 0, out
-    busy = sum(t["result"]["took"] for t in store.grid_trials(out["grid"]))
+    results = [t["result"] for t in store.grid_trials(out["grid"])]
+    busy = sum(r["took"] for r in results)
+    # Where the overhead sits: before the first trial, after the last, and between trials.
+    lead, tail = min(r["began"] for r in results) - wall, wall + makespan - max(r["ended"] for r in results)
+    print(f"Ablate: first trial began {lead:.2f} s after the call, the call returned {tail:.2f} s after the "
+          f"last trial ended; {makespan - lead - tail - busy / slots:.2f} s per slot idle between them", file=sys.stderr)
     return busy, makespan
 
 
@@ -83,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         os.environ["ABLATE_HOME"] = str(workdir / "home")
-        a_busy, a_span = run_ablate(args.trials, workdir)
+        a_busy, a_span = run_ablate(args.trials, workdir, args.slots)
         t_busy, t_span = run_tune(args.trials, workdir)
     a_eff = a_busy / (args.slots * a_span)
     t_eff = t_busy / (args.slots * t_span)
