@@ -44,7 +44,7 @@ def execute_trial(task: dict[str, Any]) -> dict[str, Any]:
     result = run_trial(TrialConfig.model_validate_json(task["config"]), checkpoint_dir=task["checkpoint_dir"],
                        sink=sink, threads=task["threads"], device=task["device"], data_dir=task.get("data_dir"),
                        time_limit_s=task.get("timeout_s"))
-    if sink is not None and sink.delivered and result.get("resumed_from") is None:
+    if sink is not None and sink.delivered(result):
         # The live run already holds the whole history: the driver's sync need not read it back.
         result[LIVE_KEY] = task["run_id"]
     return result
@@ -62,7 +62,7 @@ def execute_group(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         sinks=[s or NullSink() for s in sinks], threads=first["threads"], device=first["device"],
                         data_dir=first.get("data_dir"), time_limit_s=first.get("timeout_s"))
     for task, sink, result in zip(tasks, sinks, results):
-        if sink is not None and sink.delivered and result.get("resumed_from") is None:
+        if sink is not None and sink.delivered(result):
             result[LIVE_KEY] = task["run_id"]
     return results
 

@@ -57,6 +57,7 @@ class MlflowSink(MetricsSink):
     def __init__(self, uri: str, run_id: str, flush_every: float = 2.0, close_timeout: float = 10.0):
         self.uri, self.run_id, self.flush_every, self.close_timeout = uri, run_id, flush_every, close_timeout
         self._buffer: list[Any] = []
+        self.steps: set[int] = set()  # every step logged through this sink
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -68,6 +69,7 @@ class MlflowSink(MetricsSink):
         now = int(time.time() * 1000)
         with self._lock:
             self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+            self.steps.add(step)
 
     def _flush(self) -> bool:
         with self._lock:
@@ -88,10 +90,13 @@ class MlflowSink(MetricsSink):
             self._wake.clear()
             self._flush()
 
-    @property
-    def delivered(self) -> bool:
-        """After `close`: every metric logged reached the server."""
-        return self._stop and not self._buffer
+    def delivered(self, result: dict[str, Any]) -> bool:
+        """After `close`: this sink logged every step of the trial's record and all of it reached the server
+        (not so for a resumed trial, whose earlier steps another attempt logged, or failed to)."""
+        steps = {h["step"] for h in result.get("history", [])}
+        if result.get("diverged_at") is not None:
+            steps.add(result["diverged_at"])
+        return self._stop and not self._buffer and steps <= self.steps
 
     def close(self) -> None:
         self._stop = True
