@@ -3,11 +3,13 @@
 40 trials of about 0.5 s (a sleep, so the measure is pure scheduling overhead) on 2 slots of one local
 Ray. Ablate goes through everything it does for real trials: grid expansion, the state store (claims,
 heartbeats, results), and MLflow (parent run, a child run per trial created on the driver's MLflow
-thread ahead of submission, and synced after). Ray Tune runs the same 40 configurations as a `grid_search` with one CPU per trial.
+thread ahead of submission, and synced after). Ray Tune runs the same 40 configurations as a
+`grid_search` with one CPU per trial. Bare Ray tasks (all submitted at once, nothing recorded) give
+the floor under both.
 
     efficiency = Σ trial time / (slots × makespan)     (1.0 = the slots never idle)
 
-Makespan excludes `ray.init` for both. Run: `.venv/bin/python bench/scheduling.py [--trials 40]`.
+Makespan excludes `ray.init` for all three (Ablate runs first, so it alone pays Ray's first lease). Run: `.venv/bin/python bench/scheduling.py [--trials 40]`.
 The last line is `key=value` pairs with `ratio` = Ablate's efficiency / Ray Tune's.
 """
 from __future__ import annotations
@@ -59,6 +61,15 @@ def run_ablate(trials: int, workdir: Path, slots: int = 2) -> tuple[float, float
     return busy, makespan
 
 
+def run_ray_tasks(trials: int) -> tuple[float, float]:
+    """The floor: the same sleeps as bare Ray tasks, all submitted at once, no state and no MLflow."""
+    import ray
+    remote = ray.remote(sleep_trial).options(num_cpus=1)
+    start = time.perf_counter()
+    results = ray.get([remote.remote({}) for _ in range(trials)])
+    return sum(r["took"] for r in results), time.perf_counter() - start
+
+
 def tune_trainable(config: dict) -> dict:
     start = time.perf_counter()
     time.sleep(TRIAL_S)
@@ -89,15 +100,18 @@ def main() -> None:
         workdir = Path(tmp)
         os.environ["ABLATE_HOME"] = str(workdir / "home")
         a_busy, a_span = run_ablate(args.trials, workdir, args.slots)
+        r_busy, r_span = run_ray_tasks(args.trials)
         t_busy, t_span = run_tune(args.trials, workdir)
     a_eff = a_busy / (args.slots * a_span)
+    r_eff = r_busy / (args.slots * r_span)
     t_eff = t_busy / (args.slots * t_span)
     print(f"{'':10} {'makespan s':>11} {'busy s':>8} {'efficiency':>11}")
     print(f"{'Ablate':10} {a_span:11.2f} {a_busy:8.2f} {a_eff:11.3f}")
+    print(f"{'Ray tasks':10} {r_span:11.2f} {r_busy:8.2f} {r_eff:11.3f}   (bare tasks: the floor under Ablate)")
     print(f"{'Ray Tune':10} {t_span:11.2f} {t_busy:8.2f} {t_eff:11.3f}")
     print(f"bench=scheduling trials={args.trials} slots={args.slots} trial_s={TRIAL_S} ablate_eff={a_eff:.3f} "
-          f"tune_eff={t_eff:.3f} ablate_makespan_s={a_span:.2f} tune_makespan_s={t_span:.2f} "
-          f"ratio={a_eff / t_eff:.2f}")
+          f"ray_tasks_eff={r_eff:.3f} tune_eff={t_eff:.3f} ablate_makespan_s={a_span:.2f} "
+          f"tune_makespan_s={t_span:.2f} ratio={a_eff / t_eff:.2f}")
 
 
 if __name__ == "__main__":

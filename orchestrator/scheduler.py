@@ -185,10 +185,11 @@ class GridRunner:
         rows = {t["key"]: t for t in self.store.grid_trials(grid_id)}
         before = {k: t["status"] for k, t in rows.items()}
         reused = sum(1 for s in before.values() if s in DONE)
-        resumed = self.store.grid(grid_id).mlflow_run_id
-        parent = self._parent_run(spec, grid_id)
+        parent = self.store.grid(grid_id).mlflow_run_id
         self._orphans = {}
-        if resumed and any(not t["mlflow_run_id"] for t in rows.values()):
+        if parent is None:
+            self._syncer.submit(self._parent_run, spec, grid_id)  # on the MLflow thread, as the first job
+        elif any(not t["mlflow_run_id"] for t in rows.values()):
             try:
                 known = {t["mlflow_run_id"] for t in rows.values()}
                 self._orphans = {k: r for k, r in self.tracker.child_runs(spec.name, parent).items() if r not in known}
