@@ -72,8 +72,11 @@ GRIDS: dict[str, dict[str, Any]] = {
                         paper_setting=["cifar10", 110],
                         variants=TABLE2_VARIANTS, seeds=3, baseline="original", resources={"cpu": 1, "gpu": 0}),
     # The README's main job: two placements and the scaled shortcut, minutes on two cores.
-    "demo": dict(name="demo", dataset="fashion-mnist", subset=20000, recipe={"base": "mini-cpu", "iterations": 300,
-                 "milestones": [150, 225], "eval_every": 100, "checkpoint_every": 50, "warmup_iterations": 20},
+    # Width 8 and one evaluation at the end buy the whole mini-cpu schedule in two minutes a trial: measured on
+    # one core, original-20, seed 0: width 8 × 800 iterations 14.90% test error in 115 s; width 16 × 400
+    # iterations 18.09% in 120 s.
+    "demo": dict(name="demo", dataset="fashion-mnist", subset=20000, width=8,
+                 recipe={"base": "mini-cpu", "eval_every": 800},
                  depths=[20], variants=["original", "full_preact", "scale-0.5"], seeds=2, baseline="original",
                  resources={"cpu": 1, "gpu": 0}, paper_setting=["cifar10", 110]),
     "smoke": dict(name="smoke", dataset="synthetic", subset=512, recipe="smoke", depths=[8], block="basic", width=4,

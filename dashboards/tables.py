@@ -57,20 +57,20 @@ def write(doc: dict[str, Any], fmt: str, path: str | Path) -> None:
         Path(path).write_text(out if out.endswith("\n") else out + "\n", encoding="utf-8")
 
 
+NARROW_HIDDEN = ("setting", "95% CI", "g", "P(impr)")  # what a narrow terminal drops (settings become rows)
+
+
 def print_table(doc: dict[str, Any], console: Console) -> None:
-    """The comparison and the across-settings summary as rich tables, decisions coloured."""
+    """The comparison and the across-settings summary as rich tables, decisions coloured. On a terminal too
+    narrow for every column, each setting heads its rows instead of filling a column, the CI of the mean,
+    g and P(improvement) are left out, and the caption says so."""
     doc = _complete(doc)
     headers = _headers(doc)
-    table = Table(title=f"{doc['grid']}: {doc['metric']} (lower is better)", title_justify="left")
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i < 2 or h == "decision" else "right", no_wrap=True)
-    previous = None
-    for row in doc["rows"]:
-        if previous is not None and row["setting"] != previous:
-            table.add_section()
-        previous = row["setting"]
-        table.add_row(*(Text(c, style=DECISION_STYLES[c] if h == "decision" else "")
-                        for h, c in zip(headers, _cells(row, doc))))
+    table = _comparison_table(doc, headers)
+    if console.measure(table, options=console.options.update_width(10_000)).maximum > console.width:
+        table = _comparison_table(doc, [h for h in headers if not h.endswith(NARROW_HIDDEN)])
+        table.caption = "narrow terminal: the CI of the mean, g and P(impr) left out (--format markdown has all)"
+        table.caption_justify = "left"
     console.print(table)
     rows = _summary(doc)
     if rows:
@@ -80,6 +80,27 @@ def print_table(doc: dict[str, Any], console: Console) -> None:
         for cells in rows:
             across.add_row(*map(Text, cells))
         console.print(across)
+
+
+def _comparison_table(doc: dict[str, Any], headers: list[str]) -> Table:
+    table = Table(title=f"{doc['grid']}: {doc['metric']} (lower is better)", title_justify="left")
+    for i, h in enumerate(headers):
+        short = h in ("n", "failed", "p_holm", "g", "P(impr)", "decision")  # never squeezed; the rest may wrap
+        width = len(h) if short else max((len(r["variant"]) for r in doc["rows"]), default=0) if h == "variant" else None
+        table.add_column(h, justify="left" if i < 2 or h == "decision" else "right", no_wrap=short,
+                         min_width=width, overflow="fold")
+    every = _headers(doc)
+    previous = None
+    for row in doc["rows"]:
+        cells = dict(zip(every, _cells(row, doc)))
+        if row["setting"] != previous:
+            if previous is not None:
+                table.add_section()
+            if "setting" not in headers:
+                table.add_row(Text(cells["setting"], style="bold"), *[""] * (len(headers) - 1))
+        previous = row["setting"]
+        table.add_row(*(Text(cells[h], style=DECISION_STYLES[cells[h]] if h == "decision" else "") for h in headers))
+    return table
 
 
 # --- shared cells ------------------------------------------------------------------------------------

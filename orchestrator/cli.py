@@ -347,7 +347,8 @@ class Rendered(str):
 def print_human(name: str, result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
-    console = Console()
+    # A file or a pipe gets the whole table, not rich's 80-column default.
+    console = Console() if sys.stdout.isatty() else Console(width=220)
     if name == "submit":
         print(result["id"])
     elif isinstance(result, Rendered):

@@ -29,6 +29,20 @@ def doc():
     return document("table2-0123abcd", "test_error", rows)
 
 
+def test_a_narrow_terminal_gets_settings_as_rows_and_fewer_columns_never_squeezed_cells(doc):
+    console = Console(record=True, width=80)
+    print_table(doc, console)
+    text = console.export_text()
+    table, caption = text.split("narrow terminal")
+    assert "P(impr)" not in table and "95% CI" not in table and "left out" in caption
+    assert "ResNet-110" in table and "bn_after_add" in table and "full_preact" in table and "…" not in table
+    assert max(len(line) for line in text.splitlines()) <= 80
+    wide = Console(record=True, width=250)
+    print_table(doc, wide)
+    text = wide.export_text()
+    assert "narrow terminal" not in text and "P(impr)" in text
+
+
 def test_document_carries_the_contract_keys(doc):
     assert list(doc) == ["grid", "metric", "alpha", "rows", "summary"]
     assert [s["variant"] for s in doc["summary"]] == ["original", "full_preact", "bn_after_add", "scale-0"]
