@@ -12,7 +12,9 @@
   its slot is free at once, and the driver tells PRUNED.
 - Resume: the driver records an Optuna heartbeat for each of its running trials. A RUNNING trial whose
   heartbeat is older than ABLATE_STALE_AFTER_S (the grid scheduler's threshold) belongs to a dead driver
-  and is marked FAIL, kept for the record but not repeated. COMPLETE and PRUNED trials count toward
+  and is marked FAIL, kept for the record but not repeated. A driver killed between asking a trial and
+  its first heartbeat leaves a RUNNING trial Optuna never calls stale; the next driver beats once for
+  every RUNNING trial it does not run, so that one goes stale too. COMPLETE and PRUNED trials count toward
   `n_trials`; FAIL does not, so a rerun fills the study up. The sampler is reseeded with
   seed + trials so far, so a resumed study does not replay the first run's samples.
 - Reuse: the best trial's full recipe is saved in the state database (table `ablate_tuned_recipes`)
@@ -530,6 +532,18 @@ class _Heartbeat:
         self.thread.join(timeout=5)
 
 
+def _fail_stale(study, storage, adopted: set[int], ours: frozenset[int] = frozenset()) -> None:
+    """Marks FAIL the RUNNING trials whose driver died. Optuna only judges trials that have a heartbeat;
+    one asked by a driver killed before its first beat would wait forever. Beating once for each RUNNING
+    trial that is not ours gives it a heartbeat: a live driver keeps beating, a dead one never does."""
+    import optuna
+    optuna.storages.fail_stale_trials(study)  # first: a stale heartbeat must not be refreshed below
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t._trial_id not in ours and t._trial_id not in adopted:
+            storage.record_heartbeat(t._trial_id)
+            adopted.add(t._trial_id)
+
+
 def _counts(study) -> dict[str, int]:
     counts = dict.fromkeys(("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"), 0)
     for t in study.get_trials(deepcopy=False):
@@ -578,7 +592,6 @@ def run_study(spec: TuneSpec | dict | str, store_url: str | None = None, trackin
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         storage = open_storage(url, heartbeat=True)
         study = _open_study(spec, storage, base)
-        optuna.storages.fail_stale_trials(study)  # trials a dead driver left RUNNING
         study.sampler = optuna.samplers.TPESampler(seed=spec.seed + len(study.get_trials(deepcopy=False)))
         runs = StudyRuns(Tracker(tracking_uri), spec)
         runs.open()
@@ -612,6 +625,8 @@ class _Driver:
         self.task_base = {"store_url": url, "study": spec.name, "pruner": spec.pruner, "threads": max(1, int(cpu)),
                           "device": "cuda" if gpu > 0 else "cpu", "data_dir": spec.data_dir}
         self.inflight: dict[Any, Any] = {}
+        self.adopted: set[int] = set()  # others' RUNNING trials given a heartbeat (see _fail_stale)
+        _fail_stale(study, storage, self.adopted)  # trials a dead driver left RUNNING
         self.asked = self.failed_here = 0
         self.parallel = spec.parallel or 0
         self.counts = _counts(study)
@@ -653,7 +668,8 @@ class _Driver:
                 for ref in ready:
                     self.collect(ref)
                 if time.time() - last_check > STALE_AFTER_S / 4:
-                    optuna.storages.fail_stale_trials(self.study)
+                    ours = frozenset(t._trial_id for t in self.inflight.values())
+                    _fail_stale(self.study, self.storage, self.adopted, ours)
                     last_check = time.time()
                     self.counts = _counts(self.study)
                 elif ready:

@@ -130,6 +130,29 @@ def test_resumed_study_after_a_kill_repeats_nothing(ablate_home, local_ray, trac
     assert sorted(int(r.data.tags["optuna.trial"]) for r in kids) == sorted(after)
 
 
+def instant_trial(task: dict) -> dict:
+    return {"value": 50.0 + task["number"], "evaluated_on": "validation", "history": []}
+
+
+@pytest.mark.timeout(240)
+def test_a_trial_left_without_any_heartbeat_is_failed_not_awaited(ablate_home, local_ray, tracking, monkeypatch):
+    """A driver killed between Optuna's ask and its first heartbeat leaves a RUNNING trial that Optuna
+    never calls stale; the next driver must still fail it and fill the study, not wait for it forever."""
+    spec = {**SPEC, "name": "no-beat", "n_trials": 2}
+    run_study({**spec, "n_trials": 1}, tracking_uri=tracking, trial_fn=instant_trial)
+    storage = tuning.open_storage(default_state_url(), heartbeat=True)
+    orphan = optuna.load_study(study_name="no-beat", storage=storage).ask()  # asked, never beaten for
+    assert {t.number: t.state.name for t in states("no-beat")}[orphan.number] == "RUNNING"
+
+    monkeypatch.setattr(tuning, "STALE_AFTER_S", 2.0)
+    t0 = time.time()
+    out = run_study(spec, tracking_uri=tracking, trial_fn=instant_trial)
+    assert time.time() - t0 < 60, "the driver waited far past the stale threshold"
+    after = {t.number: t.state.name for t in states("no-beat")}
+    assert after == {0: "COMPLETE", orphan.number: "FAIL", orphan.number + 1: "COMPLETE"}
+    assert (out["n_complete"], out["n_failed"]) == (2, 1)
+
+
 def crashing_trial(task: dict) -> dict:
     raise RuntimeError(f"boom in trial {task['number']}")
 

@@ -360,11 +360,14 @@ def main(workdir: Path, scratch: Path) -> dict:
             return busy[0] if c["finished"] == 2 and len(busy) == 2 and len(past) == 2 else None
 
         victim_node = wait(last_wave_past_checkpoint, 300, "the second wave executing, each trial past a checkpoint")
-        before = ckpts()
         worker_pid = executing(nodes[victim_node])[0]
         first_owner = {k: store.trial(k).owner for k in keys}
         killed_at = time.time()
         killed = nodes[victim_node].kill()
+        # Checkpoints come every few iterations: read them after the kill (and after any rename it caught
+        # mid-call has landed), or the victim's last one can fall between the reading and the kill.
+        time.sleep(0.5)
+        before = ckpts()
         fault_a = report["faults"]["ray_node"] = {
             "at_s": killed_at - grid_t0, "node": victim_node, "pids_killed": killed, "worker_pid": worker_pid,
             "checkpoints_at_kill": before, "counts_at_kill": counts()}
