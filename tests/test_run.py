@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.grids import load_grid
 from orchestrator.scheduler import GridRunner
 from orchestrator.state import StateStore
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import Tracker, default_tracking_uri
 from tests.helpers import ROOT, ablate, wait_for
 
 SMOKE = {"name": "smoke-t", "dataset": "synthetic", "subset": 512, "recipe": "smoke", "depths": [8],
@@ -183,3 +183,23 @@ def test_ctrl_c_leaves_a_resumable_grid(tmp_path):
     assert counts["running"] == 0 and counts["queued"] + counts["finished"] == 4
     status = ablate("status", grid_id, "--json", env={"ABLATE_HOME": str(tmp_path / "home")})
     assert status.code == 0 and status.json["queued"] == counts["queued"]
+
+
+def test_the_grid_driver_never_imports_torch(ablate_home, local_ray):
+    """Trials import torch in their workers; the driver (claims, records, MLflow sync with checkpoint
+    artifacts) must not: the import costs seconds and stalls submissions while it runs."""
+    code = ("import json, sys; from orchestrator.grids import load_grid; from orchestrator.scheduler import GridRunner; "
+            "out = GridRunner(progress=False).run(load_grid(json.loads(sys.argv[1]))); "
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'executed': out['executed'], "
+            "'unsynced': out['mlflow_unsynced']}))")
+    env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
+    spec = {**SMOKE, "name": "no-torch", "variants": ["original"], "seeds": 1}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"torch": False, "executed": 1, "unsynced": 0}
+    client = MlflowClient(default_tracking_uri())  # the embedded store under $ABLATE_HOME
+    run = client.search_runs([client.get_experiment_by_name("no-torch").experiment_id], "tags.ablate.trial != ''")[0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint", "result.json"}
+

@@ -12,9 +12,10 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch  # imported where used: the grid driver lists checkpoints and must not load torch (3-4 s)
 
 KEEP = 2  # the newest two: one can be mid-write when the process dies, the other is whole
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
@@ -48,6 +49,7 @@ def _fsync_dir(folder: Path) -> None:
 def save_checkpoint(folder: Path, iteration: int, state: dict[str, Any]) -> Path:
     final = folder / f"ckpt-{iteration:09d}.pt"
     tmp = folder / f".ckpt-{iteration:09d}.pt.tmp"
+    import torch
     with open(tmp, "wb") as fh:
         torch.save({**state, "iteration": iteration}, fh)
         fh.flush()
@@ -69,6 +71,7 @@ def checkpoints(folder: Path) -> list[Path]:
 def readable(folder: Path, config: dict[str, Any], device: torch.device) -> Iterator[dict[str, Any]]:
     """This configuration's readable checkpoints, newest first: weights only, a corrupt or truncated file
     skipped with a warning (never half a state), another trial's files refused (CheckpointError)."""
+    import torch
     for path in checkpoints(folder):
         try:
             state = torch.load(path, map_location=device, weights_only=True)
