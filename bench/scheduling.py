@@ -103,6 +103,7 @@ def main() -> None:
 
     def warm_slots() -> None:
         ray.get([warm.remote() for _ in range(args.slots)])
+
     runs: dict[str, list[tuple[float, float]]] = {"ablate": [], "ray": [], "tune": []}
     for _ in range(args.repeat):  # each repeat on fresh state and MLflow stores: nothing is reused
         with tempfile.TemporaryDirectory() as tmp:
@@ -114,15 +115,18 @@ def main() -> None:
             runs["ray"].append(run_ray_tasks(args.trials))
             warm_slots()
             runs["tune"].append(run_tune(args.trials, workdir))
-    effs = {name: [busy / (args.slots * span) for busy, span in got] for name, got in runs.items()}
+
+    def eff(run: tuple[float, float]) -> float:
+        busy, span = run
+        return busy / (args.slots * span)
+
     if args.repeat > 1:
-        for name, values in effs.items():
-            print(f"{name} efficiency per repeat: " + " ".join(f"{v:.3f}" for v in values), file=sys.stderr)
+        for name, got in runs.items():
+            print(f"{name} efficiency per repeat: " + " ".join(f"{eff(r):.3f}" for r in got), file=sys.stderr)
     # Each one's median repeat (by efficiency; the upper one of an even count), so one noisy repeat moves nothing.
     (a_busy, a_span), (r_busy, r_span), (t_busy, t_span) = (
-        sorted(runs[n], key=lambda bs: bs[0] / bs[1])[len(runs[n]) // 2] for n in ("ablate", "ray", "tune"))
-    a_eff, r_eff, t_eff = (busy / (args.slots * span) for busy, span in ((a_busy, a_span), (r_busy, r_span),
-                                                                          (t_busy, t_span)))
+        sorted(runs[n], key=eff)[len(runs[n]) // 2] for n in ("ablate", "ray", "tune"))
+    a_eff, r_eff, t_eff = (eff(r) for r in ((a_busy, a_span), (r_busy, r_span), (t_busy, t_span)))
     print(f"{'':10} {'makespan s':>11} {'busy s':>8} {'efficiency':>11}")
     print(f"{'Ablate':10} {a_span:11.2f} {a_busy:8.2f} {a_eff:11.3f}")
     print(f"{'Ray tasks':10} {r_span:11.2f} {r_busy:8.2f} {r_eff:11.3f}   (bare tasks: the floor under Ablate)")

@@ -202,4 +202,3 @@ def test_the_grid_driver_never_imports_torch(ablate_home, local_ray):
     client = MlflowClient(default_tracking_uri())  # the embedded store under $ABLATE_HOME
     run = client.search_runs([client.get_experiment_by_name("no-torch").experiment_id], "tags.ablate.trial != ''")[0]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint", "result.json"}
-
