@@ -120,10 +120,13 @@ def cmd_probe(args: argparse.Namespace) -> Any:
 
 
 def recipe_overrides(args: argparse.Namespace):
-    """The recipe named by --recipe with --set FIELD=VALUE on top, and --iterations rescaling it."""
+    """The recipe named by --recipe with --set FIELD=VALUE on top; --iterations K is `--set iterations=K`
+    (the schedule stretched to K iterations, as `iterations` in a grid's recipe)."""
     from workers.recipes import parse_override, resolve_recipe
-    recipe = resolve_recipe(args.recipe, dict(parse_override(item) for item in args.set))
-    return recipe.with_iterations(args.iterations) if args.iterations else recipe
+    overrides = dict(parse_override(item) for item in args.set)
+    if args.iterations:
+        overrides["iterations"] = args.iterations
+    return resolve_recipe(args.recipe, overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> Any:
