@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from workers.sinks import NullSink
 
+from .cluster import ensure_ray
 from .grids import GridSpec, GridTrial, expand_grid
 from .state import DONE, STALE_AFTER_S, StateStore, ablate_home
 from .tracking import MlflowSink, Tracker
@@ -65,18 +66,6 @@ def execute_group(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if sink is not None and sink.delivered(result):
             result[LIVE_KEY] = task["run_id"]
     return results
-
-
-def ensure_ray() -> None:
-    """Connect to RAY_ADDRESS when set, else start a private local Ray (never someone else's)."""
-    import ray
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 class GridRunner:

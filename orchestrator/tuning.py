@@ -643,7 +643,7 @@ class _Driver:
     def run(self) -> None:
         import optuna
         import ray
-        from .scheduler import ensure_ray
+        from .cluster import ensure_ray
         if self.wanted() <= 0 and self.others_running() <= 0:
             return  # nothing to do: no Ray needed
         ensure_ray()
