@@ -156,8 +156,7 @@ class GridRunner:
     # -------------------------------------------------------------------------------------------- run
     def submit(self, spec: GridSpec, extra: list[GridTrial] = ()) -> str:
         """Validate, expand and record the grid (no training yet); returns its id. Idempotent."""
-        from .tuning import load_tuned
-        tuned = load_tuned(self.store.url) if spec.tuned_names() else {}
+        tuned = self.store.tuned_recipes() if spec.tuned_names() else {}
         trials = expand_grid(spec, tuned=tuned)
         _reject_duplicates(trials)
         known = {t.key for t in trials}
