@@ -89,28 +89,27 @@ class BaseStateStore(ABC):
     def register_grid(self, grid_id: str, name: str, spec: dict, trials: Iterable[Any]) -> None:
         """Record the grid and its trials; trials that ended in error or were cancelled are queued again."""
         now = time.time()
-        unique: dict[str, Any] = {}
+        keyed: dict[str, Any] = {}
         for t in trials:
-            unique.setdefault(t.key, t)
+            keyed.setdefault(t.key, t)  # a key is a hash of the configuration: computed once here
         # In key order: concurrent registrations of overlapping grids lock rows in one order, never deadlock.
-        trials = [unique[k] for k in sorted(unique)]
+        keys = sorted(keyed)
         with self.transaction() as s:
             insert = _INSERT[s.get_bind().dialect.name]
-            s.execute(insert(GridRow).values(id=grid_id, name=name, spec=json.dumps(spec), created_at=now,
-                                             cancelled=False)
+            s.execute(insert(GridRow.__table__).values(id=grid_id, name=name, spec=json.dumps(spec), created_at=now,
+                                                       cancelled=False)
                       # Same id, same trials; presentation fields (paper_setting) may change: keep the latest.
                       .on_conflict_do_update(index_elements=["id"], set_={"spec": json.dumps(spec),
                                                                           "cancelled": False}))
-            for chunk in _chunks(trials):
-                s.execute(insert(TrialRow).on_conflict_do_nothing(), [
-                    {"key": t.key, "config": t.config.model_dump_json(), "status": "queued", "attempts": 0,
-                     "updated_at": now} for t in chunk])
-                s.execute(update(TrialRow).where(TrialRow.key.in_([t.key for t in chunk]),
-                                                 TrialRow.status.in_(("error", "cancelled")))
+            for chunk in _chunks(keys):
+                s.execute(insert(TrialRow.__table__).on_conflict_do_nothing(), [
+                    {"key": k, "config": keyed[k].config.model_dump_json(), "status": "queued", "attempts": 0,
+                     "updated_at": now} for k in chunk])
+                s.execute(update(TrialRow).where(TrialRow.key.in_(chunk), TrialRow.status.in_(("error", "cancelled")))
                           .values(status="queued", attempts=0, error=None, updated_at=now))
-                s.execute(insert(GridTrialRow).on_conflict_do_nothing(), [
-                    {"grid_id": grid_id, "trial_key": t.key, "dataset": t.dataset, "depth": t.depth,
-                     "variant": t.variant, "seed": t.seed, "mlflow_synced": False} for t in chunk])
+                s.execute(insert(GridTrialRow.__table__).on_conflict_do_nothing(), [
+                    {"grid_id": grid_id, "trial_key": k, "dataset": keyed[k].dataset, "depth": keyed[k].depth,
+                     "variant": keyed[k].variant, "seed": keyed[k].seed, "mlflow_synced": False} for k in chunk])
 
     def grid(self, grid_id: str) -> GridRow | None:
         with self.snapshot() as s:
