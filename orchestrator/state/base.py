@@ -56,10 +56,11 @@ class BaseStateStore(ABC):
       owner whose heartbeat went older than `stale_after` may lose the trial to a takeover, and then
       loses its write as well (`finish` returns False, nothing is written).
     - Immutable: a `finished` or `diverged` trial never changes again: no method rewrites its status,
-      result or metrics; grids that contain it reuse it.
-    - Idempotent: `register_grid` again with the same trials changes nothing but the grid's spec and
-      cancelled flag; with more trials it adds them. Concurrent registrations of overlapping grids all
-      succeed.
+      result or metrics; grids that contain it reuse it. (A grid's link to it keeps MLflow bookkeeping,
+      its child run id and sync flag, which `set_trial_run` updates.)
+    - Idempotent: `register_grid` again with the same trials changes nothing but the grid's spec, its
+      cancelled flag and the transition above (error|cancelled → queued); with more trials it adds them.
+      Concurrent registrations of overlapping grids all succeed.
     - Reads see committed transactions only. `results_table` returns rows in one fixed order (dataset,
       depth, variant, seed), whatever the order of registration.
     - Thread-safe: a store may be shared by any number of threads (every call has its own session).
