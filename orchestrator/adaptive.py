@@ -14,7 +14,6 @@ from dashboards.sequential import look_alphas, planned_looks
 from dashboards.stats import compare
 
 from .grids import GridSpec, expand_cells
-from .tuning import load_tuned
 from .scheduler import GridRunner
 
 
@@ -49,7 +48,7 @@ def run_until_decided(runner: GridRunner, spec: GridSpec, max_seeds: int, batch:
         new_seeds = list(range(next_seed, next_seed + looks[k] - n_k))
         next_seed += len(new_seeds)
         cells = set(still_open) | {(d, depth, baseline) for d, depth, _ in still_open}
-        extra += expand_cells(spec, cells, new_seeds, tuned=load_tuned(runner.store.url) if spec.tuned_names() else None)
+        extra += expand_cells(spec, cells, new_seeds, tuned=runner.store.tuned_recipes() if spec.tuned_names() else None)
     decisions = [{"dataset": c[0], "depth": c[1], "variant": c[2], **info} for c, info in stopped.items()]
     decisions += [{"dataset": c[0], "depth": c[1], "variant": c[2], "decision": "undecided", "look": len(history),
                    "n": None, "alpha": None, "delta": None, "p_holm": None} for c in still_open]

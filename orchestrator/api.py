@@ -68,8 +68,7 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
         except UnicodeDecodeError:
             raise HTTPException(400, "the body is not UTF-8 text") from None
         spec = parse_grid_text(text)
-        from .tuning import load_tuned
-        trials = len(expand_grid(spec, tuned=load_tuned(store.url)))
+        trials = len(expand_grid(spec, tuned=store.tuned_recipes()))
         return {"id": service.submit(spec), "trials": trials}
 
     @app.get("/grids", dependencies=auth)

@@ -5,7 +5,7 @@ import json
 from typing import Any
 
 from .grids import GridSpec, parse_grid
-from .state import StateStore
+from .state import BaseStateStore
 
 METRICS = ("test_error", "train_loss", "train_error")
 
@@ -18,17 +18,17 @@ class BadRequest(ValueError):
     """A valid grid, asked something it cannot answer (unknown baseline, metric)."""
 
 
-def grid_spec(store: StateStore, grid_id: str) -> GridSpec:
+def grid_spec(store: BaseStateStore, grid_id: str) -> GridSpec:
     row = store.grid(grid_id)
     if row is None:
         raise NotFound(f"no grid {grid_id!r}")
     return parse_grid(json.loads(row.spec))
 
 
-def comparison(store: StateStore, grid_id: str, metric: str = "test_error",
+def comparison(store: BaseStateStore, grid_id: str, metric: str = "test_error",
                baseline: str | None = None) -> dict[str, Any]:
     """The comparison document of `ablate compare --format json` and `GET /grids/{id}/comparison`."""
-    from dashboards.stats import compare
+    from dashboards.stats import compare  # scipy and pandas: seconds that `ablate status` need not pay
     from dashboards.tables import document
     spec = grid_spec(store, grid_id)
     if metric not in METRICS:
@@ -44,7 +44,7 @@ def comparison(store: StateStore, grid_id: str, metric: str = "test_error",
     return document(grid_id, metric, rows)
 
 
-def grid_status(store: StateStore, grid_id: str) -> dict[str, Any]:
+def grid_status(store: BaseStateStore, grid_id: str) -> dict[str, Any]:
     row = store.grid(grid_id)
     if row is None:
         raise NotFound(f"no grid {grid_id!r}")

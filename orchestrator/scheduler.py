@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from workers.sinks import NullSink
 
+from .cluster import ensure_ray
 from .grids import GridSpec, GridTrial, expand_grid
 from .state import DONE, STALE_AFTER_S, StateStore, ablate_home
 from .tracking import MlflowSink, Tracker
@@ -57,18 +58,6 @@ def execute_group(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
             # The live run already holds the whole history: the driver's sync need not read it back.
             result[LIVE_KEY] = task["run_id"]
     return results
-
-
-def ensure_ray() -> None:
-    """Connect to RAY_ADDRESS when set, else start a private local Ray (never someone else's)."""
-    import ray
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 class GridRunner:
@@ -159,8 +148,7 @@ class GridRunner:
     # -------------------------------------------------------------------------------------------- run
     def submit(self, spec: GridSpec, extra: list[GridTrial] = ()) -> str:
         """Validate, expand and record the grid (no training yet); returns its id. Idempotent."""
-        from .tuning import load_tuned
-        tuned = load_tuned(self.store.url) if spec.tuned_names() else {}
+        tuned = self.store.tuned_recipes() if spec.tuned_names() else {}
         trials = expand_grid(spec, tuned=tuned)
         _reject_duplicates(trials)
         known = {t.key for t in trials}
