@@ -21,7 +21,8 @@ from dashboards.tables import document, render
 BASE = [6.61, 6.72, 6.48, 6.90, 6.55]
 FIELDS = {"setting", "variant", "n", "failed", "mean", "std", "median", "min", "max", "ci_low", "ci_high", "delta",
           "delta_ci_low", "delta_ci_high", "p_value", "p_holm", "effect_size", "p_improve", "decision", "paper",
-          "seeds", "paper_reference", "paper_reference_setting"}
+          "seeds", "paper_reference", "paper_reference_setting", "test_size", "test_se", "pairs", "unpaired_seeds",
+          "pair_pearson", "pair_spearman", "pair_var_diff", "pair_var_sum", "pair_efficiency", "sequential"}
 
 
 def trials(variant: str, values, *, dataset="cifar10", depth=110, status="finished", seed0=0) -> list[dict]:
@@ -77,7 +78,7 @@ def test_bca_bootstrap_from_ten_runs_t_below():
 def test_welch_p_value_and_interval_by_hand():
     x = np.array([6.1, 6.4, 5.9, 6.3, 6.0, 6.6, 6.2, 5.8])
     b = np.array(BASE)
-    row = pair(x)
+    row = pair(x, design="welch")
     assert row["p_value"] == pytest.approx(stats.ttest_ind(x, b, equal_var=False).pvalue)
     a1, a0 = x.var(ddof=1) / x.size, b.var(ddof=1) / b.size
     df = (a1 + a0) ** 2 / (a1 ** 2 / (x.size - 1) + a0 ** 2 / (b.size - 1))   # Welch–Satterthwaite
@@ -90,17 +91,25 @@ def test_hedges_g_formula_and_sign():
     x, b = np.array([6.1, 6.4, 5.9, 6.3]), np.array(BASE)
     pooled = math.sqrt(((x.size - 1) * x.var(ddof=1) + (b.size - 1) * b.var(ddof=1)) / (x.size + b.size - 2))
     j = 1 - 3 / (4 * (x.size + b.size) - 9)
-    g = pair(x)["effect_size"]
+    g = pair(x, design="welch")["effect_size"]
     assert g == pytest.approx(j * (x.mean() - b.mean()) / pooled) and g < 0   # lower error: negative
-    assert pair(x + 1.5)["effect_size"] > 0
+    assert pair(x + 1.5, design="welch")["effect_size"] > 0
+    # paired: the same formula over the seeds both arms have (seeds 0-3 of the baseline)
+    b4 = b[:4]
+    pooled = math.sqrt((x.var(ddof=1) + b4.var(ddof=1)) / 2)
+    j = 1 - 3 / (4 * 8 - 9)
+    assert pair(x)["effect_size"] == pytest.approx(j * (x.mean() - b4.mean()) / pooled)
 
 
 def test_p_improve_is_u_over_n1n2_with_ties_half():
     x, b = [6.0, 6.5, 6.55, 6.9, 7.0], BASE
     expected = stats.mannwhitneyu(b, x).statistic / (len(x) * len(b))   # U of "baseline above variant"
     lower = sum(xi < bi for xi in x for bi in b) + 0.5 * sum(xi == bi for xi in x for bi in b)
-    assert pair(x)["p_improve"] == pytest.approx(expected) == pytest.approx(lower / 25)
-    assert pair(BASE)["p_improve"] == 0.5   # identical samples: every comparison is a tie or mirrored
+    assert pair(x, design="welch")["p_improve"] == pytest.approx(expected) == pytest.approx(lower / 25)
+    assert pair(BASE, design="welch")["p_improve"] == 0.5   # identical samples: every comparison is a tie or mirrored
+    # paired: the share of seeds where the variant is lower, ties half: lower on seeds 0 and 1, tied on 3
+    assert pair(x)["p_improve"] == pytest.approx(2.5 / 5)
+    assert pair(BASE)["p_improve"] == 0.5
 
 
 def test_holm_across_the_whole_table_matches_statsmodels():
@@ -132,9 +141,13 @@ def test_identical_distribution_with_tight_spread_is_equivalent():
 
 
 def test_equivalence_needs_the_whole_interval_inside_the_margin():
-    row = pair([v - 0.1 for v in BASE])   # point difference inside ±0.2, lower end of its CI outside
+    row = pair([v - 0.1 for v in BASE], design="welch")   # point difference inside ±0.2, lower CI end outside
     assert -0.2 < row["delta"] < 0 and row["delta_ci_low"] < -0.2 < row["delta_ci_high"] < 0.2
     assert row["decision"] == "undecided"
+    # paired, the same samples are a constant shift of -0.1 on every seed: known exactly, inside the margin
+    paired = pair([v - 0.1 for v in BASE])
+    assert paired["delta_ci_low"] == paired["delta_ci_high"] == pytest.approx(-0.1)
+    assert paired["decision"] == "better"
 
 
 def test_small_noisy_samples_are_undecided():
@@ -143,7 +156,8 @@ def test_small_noisy_samples_are_undecided():
 
 
 def test_one_run_gives_a_point_difference_and_no_inference():
-    row = pair([6.0])
+    assert pair([6.0])["delta"] == pytest.approx(6.0 - BASE[0])   # paired: seed 0 against seed 0
+    row = pair([6.0], design="welch")
     assert row["delta"] == pytest.approx(6.0 - np.mean(BASE)) and row["p_improve"] == 1.0
     assert row["p_value"] is row["p_holm"] is row["delta_ci_low"] is row["effect_size"] is None
     assert row["decision"] == "undecided" and row["std"] is None and row["ci_low"] is None

@@ -44,7 +44,8 @@ def test_a_narrow_terminal_gets_settings_as_rows_and_fewer_columns_never_squeeze
 
 
 def test_document_carries_the_contract_keys(doc):
-    assert list(doc) == ["grid", "metric", "alpha", "rows", "summary"]
+    assert list(doc) == ["grid", "metric", "alpha", "design", "sequential", "rows", "summary"]
+    assert doc["design"] == "paired" and doc["sequential"] is None
     assert [s["variant"] for s in doc["summary"]] == ["original", "full_preact", "bn_after_add", "scale-0"]
 
 
