@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import (Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event, func, select,
-                        update)
+from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text, cast, create_engine, event, func,
+                        literal, select, update)
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 SCHEMA_VERSION = 1
@@ -90,6 +91,42 @@ class AttemptRow(Base):
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class SequentialPlanRow(Base):
+    """The plan a grid's comparisons are decided by with `ablate run --until-decided` (dashboards.sequential.Plan
+    as JSON: looks, seeds, α, β, margin, spending, baseline, metric). Written once, before the first look."""
+    __tablename__ = "ablate_sequential_plans"
+    grid_id: Mapped[str] = mapped_column(ForeignKey("ablate_grids.id"), primary_key=True)
+    plan: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class SequentialLookRow(Base):
+    """One comparison's outcome at one look of its grid's plan. Written once: a rerun goes on from the
+    stored looks and never tests (nor spends α on) the same look again."""
+    __tablename__ = "ablate_sequential_looks"
+    grid_id: Mapped[str] = mapped_column(ForeignKey("ablate_grids.id"), primary_key=True)
+    look: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(32), primary_key=True)
+    depth: Mapped[int] = mapped_column(Integer, primary_key=True)
+    variant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)                      # pairs at this look
+    delta: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sd: Mapped[float | None] = mapped_column(Float, nullable=True)
+    p_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    level: Mapped[float | None] = mapped_column(Float, nullable=True)        # the nominal threshold tested at
+    share: Mapped[float | None] = mapped_column(Float, nullable=True)        # 1/j of α (Holm)
+    alpha_spent: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ci_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ci_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    decision: Mapped[str] = mapped_column(String(16))
+    stopped: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None: the comparison goes on
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+LOOK_FIELDS = ("n", "delta", "sd", "p_value", "level", "share", "alpha_spent", "ci_low", "ci_high", "decision",
+               "stopped")
 
 
 def ablate_home() -> Path:
@@ -218,14 +255,79 @@ class StateStore:
         """The grid's results as a pyarrow Table in one query: the fast read path of the tables."""
         import pyarrow as pa
         query = (select(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed,
-                        TrialRow.status, TrialRow.test_error, TrialRow.train_loss, TrialRow.train_error)
+                        TrialRow.status, TrialRow.test_error, TrialRow.train_loss, TrialRow.train_error,
+                        self._result_field("test_size"))
                  .join(TrialRow, TrialRow.key == GridTrialRow.trial_key).where(GridTrialRow.grid_id == grid_id)
                  # A fixed order: the bootstrap resamples by position, so the same results give the same CI.
                  .order_by(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed))
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         names = ["dataset", "depth", "variant", "seed", "status", "test_error", "train_loss", "train_error"]
-        return pa.table({name: [r[i] for r in rows] for i, name in enumerate(names)})
+        columns = {name: [r[i] for r in rows] for i, name in enumerate(names)}
+        columns["test_size"] = pa.array([None if r[-1] is None else int(float(r[-1])) for r in rows], pa.int64())
+        return pa.table(columns)
+
+    def _result_field(self, key: str):
+        """A top-level field of the stored result record, read by the database (the record also holds the
+        whole history: parsing it here would cost more than the rest of the table)."""
+        if self.engine.dialect.name == "sqlite":
+            return func.json_extract(TrialRow.result, f"$.{key}")
+        if self.engine.dialect.name == "postgresql":
+            return cast(TrialRow.result, JSON)[key].as_string()
+        return literal(None)
+
+    def trial_durations(self, grid_id: str) -> list[dict[str, Any]]:
+        """Seconds each ended trial of the grid took, summed over its attempts, with its cell."""
+        query = (select(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed,
+                        func.sum(AttemptRow.ended_at - AttemptRow.started_at))
+                 .join(AttemptRow, AttemptRow.trial_key == GridTrialRow.trial_key)
+                 .join(TrialRow, TrialRow.key == GridTrialRow.trial_key)
+                 .where(GridTrialRow.grid_id == grid_id, AttemptRow.ended_at.is_not(None), TrialRow.status.in_(DONE))
+                 .group_by(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [{"dataset": d, "depth": n, "variant": v, "seed": s, "seconds": float(t)} for d, n, v, s, t in rows]
+
+    # -------------------------------------------------------------------------------- sequential plans
+    def sequential_plan(self, grid_id: str) -> dict[str, Any] | None:
+        with self.sessions() as s:
+            row = s.get(SequentialPlanRow, grid_id)
+            return None if row is None else json.loads(row.plan)
+
+    def start_sequential(self, grid_id: str, plan: dict[str, Any]) -> dict[str, Any]:
+        """Store the grid's plan unless it has one; returns the stored plan (the first one wins)."""
+        try:
+            with self.sessions.begin() as s:
+                if s.get(SequentialPlanRow, grid_id) is None:
+                    s.add(SequentialPlanRow(grid_id=grid_id, plan=json.dumps(plan), created_at=time.time()))
+        except IntegrityError:
+            pass   # another process stored its plan between our read and write: that one stands
+        return self.sequential_plan(grid_id)
+
+    def record_look(self, grid_id: str, look: int, records: dict[tuple[str, int, str], dict[str, Any]]) -> bool:
+        """Store one look's outcomes, all or nothing; False (nothing written) when the look is stored already."""
+        now = time.time()
+        try:
+            with self.sessions.begin() as s:
+                if s.scalar(select(func.count()).select_from(SequentialLookRow).where(
+                        SequentialLookRow.grid_id == grid_id, SequentialLookRow.look == look)):
+                    return False
+                for (dataset, depth, variant), record in records.items():
+                    s.add(SequentialLookRow(grid_id=grid_id, look=look, dataset=dataset, depth=depth, variant=variant,
+                                            created_at=now, **{k: record[k] for k in LOOK_FIELDS}))
+        except IntegrityError:
+            return False
+        return True
+
+    def sequential_looks(self, grid_id: str) -> list[dict[tuple[str, int, str], dict[str, Any]]]:
+        """The stored looks in order, each: comparison (dataset, depth, variant) → its record."""
+        with self.sessions() as s:
+            rows = list(s.scalars(select(SequentialLookRow).where(SequentialLookRow.grid_id == grid_id)
+                                  .order_by(SequentialLookRow.look)))
+        looks: dict[int, dict] = {}
+        for r in rows:
+            looks.setdefault(r.look, {})[(r.dataset, r.depth, r.variant)] = {k: getattr(r, k) for k in LOOK_FIELDS}
+        return [looks[k] for k in sorted(looks)]
 
     def counts(self, grid_id: str) -> dict[str, int]:
         with self.sessions() as s:
