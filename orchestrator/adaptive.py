@@ -86,9 +86,10 @@ def _check_same(spec: GridSpec, plan: Plan, max_seeds: int | None, batch: int | 
     stored_batch = plan.looks[1] - plan.looks[0] if len(plan.looks) > 1 else None
     asked = plan_for(spec, max_seeds or plan.looks[-1], batch or stored_batch,
                      plan.margin if margin is None else margin)
-    if (asked.looks, asked.margin) != (plan.looks, plan.margin):
+    if (asked.looks, asked.margin, asked.baseline) != (plan.looks, plan.margin, plan.baseline):
         raise ValueError(f"grid {spec.name} already runs under a sequential plan (looks at {list(plan.looks)} seeds, "
-                         f"margin ±{plan.margin:g}); rerun without --max-seeds, --batch and --margin to continue it")
+                         f"margin ±{plan.margin:g}, baseline {plan.baseline}); rerun it without --max-seeds, --batch "
+                         f"and --margin, and with its baseline, to continue it")
 
 
 def _summary(keys: list[tuple[str, int, str]], plan: Plan, looks: list[dict]) -> dict[str, Any]:

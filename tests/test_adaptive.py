@@ -52,9 +52,8 @@ def test_boundaries_spend_exactly_under_the_multivariate_normal(two_sided):
     t = np.array(fractions)
     cov = np.sqrt(np.minimum.outer(t, t) / np.maximum.outer(t, t))   # corr(Z_i, Z_j) = √(t_i / t_j)
     for k in range(1, 5):   # P(no crossing by look k) = 1 − α(t_k)
-        mvn = stats.multivariate_normal(mean=np.zeros(k), cov=cov[:k, :k])
-        stay = mvn.cdf(c[:k], lower_limit=-c[:k] if two_sided else np.full(k, -np.inf),
-                       rng=np.random.default_rng(0))
+        mvn = stats.multivariate_normal(mean=np.zeros(k), cov=cov[:k, :k], seed=0)
+        stay = mvn.cdf(c[:k], lower_limit=-c[:k] if two_sided else np.full(k, -np.inf))
         assert 1 - stay == pytest.approx(spending[k - 1], abs=2e-5)
     assert c[0] == pytest.approx(stats.norm.isf(spending[0] / (2 if two_sided else 1)))
 
@@ -64,8 +63,7 @@ def test_power_under_a_drift_against_the_multivariate_normal():
     bounds = z_boundaries(fractions, tuple(spent(np.array(fractions), 0.05, -1.0)), True)
     t, c, drift = np.array(fractions), np.array(bounds), 2.8
     cov = np.sqrt(np.minimum.outer(t, t) / np.maximum.outer(t, t))
-    stay = stats.multivariate_normal(mean=drift * np.sqrt(t), cov=cov).cdf(c, lower_limit=-c,
-                                                                         rng=np.random.default_rng(0))
+    stay = stats.multivariate_normal(mean=drift * np.sqrt(t), cov=cov, seed=0).cdf(c, lower_limit=-c)
     assert crossing_power(fractions, bounds, drift) == pytest.approx(1 - stay, abs=1e-4)
     assert crossing_power(fractions, bounds, 0.0) == pytest.approx(0.05, abs=1e-6)
 
