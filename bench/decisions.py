@@ -24,9 +24,9 @@ longest comparison). ratio = trials the fixed design needs for Ablate's power / 
 at the headline setting: m = 4 at 1.5σ, the effect the plan's 12 seeds are sized for (the fixed design's
 power there is 0.96; at 1σ the 75% rule caps any design's power near 0.68, at 2σ both designs saturate and
 equal power is ill-defined). Every setting's ratio is printed; the last line adds those at 1σ and 2σ and,
-under the global null, the fixed design's trials over Ablate's (`null_ratio`: what futility stopping saves). The spending parameter γ is compared from
-−4 (O'Brien–Fleming-like) to 2 (more front-loaded than Pocock) with `--gammas`; the last line is for the
-default `dashboards.sequential.SPENDING_GAMMA`.
+under the global null, the fixed design's trials over Ablate's (`null_ratio`: what futility stopping
+saves). The spending parameter γ is compared from −4 (O'Brien–Fleming-like) to 1 (Pocock-like) with
+`--gammas`; the last line is for the default `dashboards.sequential.SPENDING_GAMMA`.
 
 Monte-Carlo error: with the default 20,000 simulated tables per setting the standard error of a
 family-wise error near 0.05 is 0.0015; fwer_max is also printed with its upper 99% bound.
@@ -202,10 +202,12 @@ def main() -> int:
     feq_max = max(v["false_eq"] for v in chosen.values() if not math.isnan(v["false_eq"]))
     head = chosen[(*HEADLINE, SPENDING_GAMMA)]
     null = chosen[(HEADLINE[0], "null", SPENDING_GAMMA)]
-    print(f"\ndefault γ = {SPENDING_GAMMA:g}: fwer_max {fwer_max:.4f} (99% upper bound {bound:.4f}; α = {args.alpha}); "
+    print(f"\ndefault γ = {SPENDING_GAMMA:g}: fwer_max {fwer_max:.4f} (99% upper bound {bound:.4f}; "
+          f"α = {args.alpha}); "
           f"wall {time.perf_counter() - wall:.0f} s")
     print(f"bench=decisions sims={sims} rho={args.rho} margin={args.margin} looks={'/'.join(map(str, looks))} "
-          f"gamma={SPENDING_GAMMA:g} fwer_max={fwer_max:.4f} fwer_max_upper99={bound:.4f} fixed_fwer_max={fixed_fwer:.4f} "
+          f"gamma={SPENDING_GAMMA:g} fwer_max={fwer_max:.4f} fwer_max_upper99={bound:.4f} "
+          f"fixed_fwer_max={fixed_fwer:.4f} "
           f"false_eq_max={feq_max:.4f} power={head['power']:.3f} fixed_power={head['fixed']['power']:.3f} "
           f"trials={head['trials']:.1f} fixed_trials={head['fixed_trials_equal_power']:.1f} "
           f"ratio_1sigma={chosen[(HEADLINE[0], '1σ', SPENDING_GAMMA)]['ratio']:.2f} "

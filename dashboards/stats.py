@@ -56,7 +56,8 @@ declare about twice as many false differences as α says.
 Edge cases, all without NaN: fewer than two values (pairs, in the paired design) → no p-value, delta CI
 or effect size, decision `undecided` (the point difference `delta` and `p_improve` are still given when
 there is one value, or pair). Zero variance on both sides (of the differences, when paired): the
-difference is known exactly, so the delta CI is [d, d] and the p-value 1.0 for equal means, 0.0 otherwise; Hedges' g is 0 for equal means and None (infinite) otherwise.
+difference is known exactly, so the delta CI is [d, d] and the p-value 1.0 for equal means, 0.0
+otherwise; Hedges' g is 0 for equal means and None (infinite) otherwise.
 """
 from __future__ import annotations
 

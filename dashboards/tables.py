@@ -44,7 +44,8 @@ FLAT_SCHEMA = pa.schema([
 SEQUENTIAL_FIELDS = ("look", "looks", "alpha_spent", "n_at_stop", "stopped")
 LIST_FIELDS = ("seeds", "unpaired_seeds")
 SUMMARY_HEADERS = ["variant", "settings", "mean rank", "wins", "ties", "losses"]   # rank 1 = lowest; vs the baseline
-PAIRING_HEADERS = ["setting", "variant", "pairs", "unpaired", "r", "ρ (Spearman)", "var(d)", "var₁+var₂", "efficiency"]
+PAIRING_HEADERS = ["setting", "variant", "pairs", "unpaired", "r", "ρ (Spearman)", "var(d)", "var₁+var₂",
+                   "efficiency"]
 DESIGN_TEXT = {"paired": "Δ paired by seed", "welch": "Δ by Welch's t"}
 DECISION_STYLES = {"baseline": "bold", "better": "green", "worse": "red", "equivalent": "cyan", "undecided": "dim"}
 
@@ -84,12 +85,14 @@ def print_table(doc: dict[str, Any], console: Console) -> None:
     table = _comparison_table(doc, headers)
     if console.measure(table, options=console.options.update_width(10_000)).maximum > console.width:
         table = _comparison_table(doc, [h for h in headers if not h.endswith(NARROW_HIDDEN)])
-        table.caption = "narrow terminal: the CI of the mean, test SE, g and P(impr) left out (--format markdown has all)"
+        table.caption = ("narrow terminal: the CI of the mean, test SE, g and P(impr) left out "
+                         "(--format markdown has all)")
         table.caption_justify = "left"
     console.print(table)
     pairing = _pairing(doc)
     if pairing:
-        paired = Table(title="Pairing by seed: what it gains (efficiency = var₁+var₂ / var(d))", title_justify="left")
+        paired = Table(title="Pairing by seed: what it gains (efficiency = var₁+var₂ / var(d))",
+                       title_justify="left")
         for i, h in enumerate(PAIRING_HEADERS):
             paired.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
         for cells in pairing:
@@ -235,8 +238,8 @@ def _markdown(doc: dict[str, Any]) -> str:
     out = [f"**{grid}**: {notes}", "", *lines(_headers(doc), [_cells(r, doc) for r in doc["rows"]], right_from=2)]
     pairing = _pairing(doc)
     if pairing:
-        out += ["", "Pairing by seed (efficiency = var₁+var₂ / var(d): how many times the seeds independent samples "
-                "would need for the same CI):", "", *lines(PAIRING_HEADERS, pairing, right_from=2)]
+        out += ["", "Pairing by seed (efficiency = var₁+var₂ / var(d): how many times the seeds independent "
+                "samples would need for the same CI):", "", *lines(PAIRING_HEADERS, pairing, right_from=2)]
     rows = _summary(doc)
     if rows:
         out += ["", "Across settings (rank 1 = lowest; wins/ties/losses against the baseline):", "",

@@ -95,7 +95,8 @@ def _check_same(spec: GridSpec, plan: Plan, max_seeds: int | None, batch: int | 
 def _summary(keys: list[tuple[str, int, str]], plan: Plan, looks: list[dict]) -> dict[str, Any]:
     history = [{"look": k, "seeds_per_arm": plan.looks[k - 1], "tested": len(records),
                 "stopped": sum(r["stopped"] is not None for r in records.values()),
-                "open": sum(r["stopped"] is None for r in records.values())} for k, records in enumerate(looks, start=1)]
+                "open": sum(r["stopped"] is None for r in records.values())}
+               for k, records in enumerate(looks, start=1)]
     decisions = []
     for key in keys:
         number, last, tested = latest(key, looks)
