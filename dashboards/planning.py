@@ -15,6 +15,7 @@ its comparisons: the total counts its seeds once, for the comparison that needs 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -31,11 +32,10 @@ DEFAULT_SHAPE = Plan(looks=(2, 4, 6, 8))
 def plan_seeds(results: Any, baseline: str, delta: float, power: float = 0.8, alpha: float = 0.05,
                durations: Iterable[Mapping[str, Any]] = (), metric: str = "test_error") -> dict[str, Any]:
     """Per comparison: pairs so far, SD of the differences, seeds needed (fixed and sequential) and the cost."""
-    from statsmodels.stats.power import TTestPower
     if not delta > 0:
         raise ValueError(f"--delta must be a positive difference, got {delta}")
-    if not 0 < power < 1 or not 0 < alpha < 1:
-        raise ValueError(f"--power and --alpha must lie in (0, 1), got {power} and {alpha}")
+    if not 0.5 <= power < 1 or not 0 < alpha < 0.5:
+        raise ValueError(f"--power must lie in [0.5, 1) and --alpha in (0, 0.5), got {power} and {alpha}")
     differences = paired_differences(results, baseline, metric)
     m = max(1, len(differences))
     level = alpha / m
@@ -55,9 +55,11 @@ def plan_seeds(results: Any, baseline: str, delta: float, power: float = 0.8, al
                                "reason": None}
         if sd is None or sd == 0:
             row["reason"] = "fewer than 2 pairs" if sd is None else "the differences have no spread"
+        elif (nobs := _nobs(delta / sd, level, power)) is None:
+            row.update(effect_size=delta / sd, reason="no seed count found: the difference is too small for "
+                                                      "the spread of the pairs")
         else:
             row["effect_size"] = delta / sd
-            nobs = TTestPower().solve_power(effect_size=delta / sd, alpha=level, power=power)
             row["seeds"] = max(2, math.ceil(nobs))
             row["max_seeds"] = max(2, math.ceil(nobs * factor))
             row["more_seeds"] = max(0, row["seeds"] - row["pairs"])
@@ -68,6 +70,18 @@ def plan_seeds(results: Any, baseline: str, delta: float, power: float = 0.8, al
     return {"metric": metric, "baseline": baseline, "delta": delta, "power": power, "alpha": alpha,
             "comparisons": len(differences), "alpha_per_comparison": level, "sequential_inflation": factor,
             "rows": rows, "total_trial_hours": _total_hours(rows)}
+
+
+def _nobs(effect: float, level: float, power: float) -> float | None:
+    """Pairs for the paired t-test's power (statsmodels), or None where its solver finds none."""
+    from statsmodels.stats.power import TTestPower
+    analysis = TTestPower()
+    if analysis.power(effect_size=effect, nobs=2, alpha=level) >= power:
+        return 2.0   # two pairs already do (the solver does not converge on differences this large)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # a solver that fails says so by returning nan
+        nobs = float(np.asarray(analysis.solve_power(effect_size=effect, alpha=level, power=power)).ravel()[0])
+    return nobs if math.isfinite(nobs) else None
 
 
 def _total_hours(rows: list[dict[str, Any]]) -> float | None:

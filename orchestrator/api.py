@@ -96,7 +96,7 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
     @app.get("/grids/{grid_id}/plan", dependencies=auth,
              responses={400: {"description": "unknown baseline"}, 404: {"description": "no such grid"}})
     def plan(grid_id: str, delta: float = Query(gt=0, le=100, description="the difference to decide, in points"),
-             power: float = Query(0.8, gt=0, lt=1), alpha: float = Query(0.05, gt=0, lt=1),
+             power: float = Query(0.8, ge=0.5, lt=1), alpha: float = Query(0.05, gt=0, lt=0.5),
              baseline: str | None = Query(None, max_length=64)) -> dict[str, Any]:
         return seed_plan(store, grid_id, delta, power, alpha, baseline)
 
