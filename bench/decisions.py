@@ -17,7 +17,8 @@ hardest case for the family-wise error).
   plan's maximum, and at every n from 2 to twice it to find the n with Ablate's power.
 
 Reported per setting: family-wise error (any false `better`/`worse` among the comparisons with Δ = 0, or
-a difference claimed in the wrong direction), the rate of false `equivalent` claims (|Δ| ≥ margin),
+a difference claimed in the wrong direction), the same for a fresh fixed-α table of the samples the
+stopping left behind (`naive`: what `compare` showed after `--until-decided` before the plan was stored), the rate of false `equivalent` claims (|Δ| ≥ margin),
 power (a correct `better`/`worse`, averaged over the comparisons with Δ ≠ 0), expected seeds per variant
 arm, and expected trials of the whole table (variants plus the baseline, which runs as long as its
 longest comparison). ratio = trials the fixed design needs for Ablate's power / Ablate's expected trials,
@@ -76,13 +77,19 @@ def differences(effects: np.ndarray, n: int, rho: float, sims: int, rng: np.rand
 
 
 def running(d: np.ndarray):
-    """n ↦ (mean, SD, share of seeds where the variant is lower) over the first n seeds."""
+    """n ↦ (mean, SD, share of seeds where the variant is lower) over the first n seeds; n a count, or one
+    count per comparison (an array shaped like the comparisons)."""
     total, squares, lower = (np.cumsum(x, axis=-1, dtype=np.float64) for x in (d, d * d, d < 0))
 
-    def at(n: int):
-        mean = total[..., n - 1] / n
-        var = np.maximum(squares[..., n - 1] - n * mean * mean, 0.0) / (n - 1)
-        return mean, np.sqrt(var), lower[..., n - 1] / n
+    def at(n):
+        if np.ndim(n):
+            index = np.asarray(n)[..., None] - 1
+            sums = [np.take_along_axis(x, index, axis=-1)[..., 0] for x in (total, squares, lower)]
+        else:
+            sums = [x[..., n - 1] for x in (total, squares, lower)]
+        mean = sums[0] / n
+        var = np.maximum(sums[1] - n * mean * mean, 0.0) / (np.asarray(n) - 1)
+        return mean, np.sqrt(var), sums[2] / n
     return at
 
 
@@ -107,11 +114,11 @@ def ablate(stats_at, shape: tuple[int, int], plan: Plan) -> tuple[np.ndarray, np
     return outcome, used
 
 
-def fixed(stats_at, n: int, alpha: float) -> np.ndarray:
-    """`ablate compare` at n seeds: paired t, Holm-adjusted p < α, the 75% rule. Outcome codes."""
+def fixed(stats_at, n, alpha: float) -> np.ndarray:
+    """`ablate compare` at n seeds (or n per comparison): paired t, Holm-adjusted p < α, the 75% rule."""
     mean, sd, improve = stats_at(n)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.nan_to_num(2 * stats.t.sf(np.abs(mean) / (sd / math.sqrt(n)), n - 1), nan=1.0)
+        p = np.nan_to_num(2 * stats.t.sf(np.abs(mean) / (sd / np.sqrt(n)), np.asarray(n) - 1), nan=1.0)
     m = p.shape[-1]
     order = np.argsort(p, axis=-1)
     ranked = np.take_along_axis(p, order, axis=-1) * np.arange(m, 0, -1)
@@ -175,16 +182,20 @@ def main() -> int:
                 got = score(outcome, effects, args.margin)
                 trials = used.sum(axis=-1) + used.max(axis=-1)   # variants, and the baseline for the longest
                 n_star = equal_power_n(fixed_power, got["power"]) if effects.any() else float("nan")
+                # what the old tables did: a fresh fixed-α table of the samples the stopping left behind
+                naive = score(fixed(stats_at, used, args.alpha), effects, args.margin)["fwer"]
                 results[(m, name, gamma)] = {
-                    **got, "seeds": float(used.mean()), "trials": float(trials.mean()),
+                    **got, "naive_fwer": naive, "seeds": float(used.mean()), "trials": float(trials.mean()),
                     "early": float((used < n_max).mean()), "fixed": fixed_at_max,
                     "fixed_trials_equal_power": (m + 1) * n_star, "ratio": (m + 1) * n_star / float(trials.mean())}
-    header = (f"{'m':>3} {'setting':<16} {'γ':>5} {'FWER':>7} {'falseEq':>8} {'power':>6} {'seeds':>6} "
-              f"{'early':>6} {'trials':>7} | {'fixed FWER':>10} {'power':>6} {'trials':>6} {'n*':>6} {'ratio':>6}")
+    header = (f"{'m':>3} {'setting':<16} {'γ':>5} {'FWER':>7} {'naive':>7} {'falseEq':>8} {'power':>6} "
+              f"{'seeds':>6} {'early':>6} {'trials':>7} | {'fixed FWER':>10} {'power':>6} {'trials':>6} {'n*':>6} "
+              f"{'ratio':>6}")
     print(header)
     for (m, name, gamma), r in results.items():
         n_star = r["fixed_trials_equal_power"] / (m + 1)
-        print(f"{m:>3} {name:<16} {gamma:>5g} {r['fwer']:>7.4f} {r['false_eq']:>8.4f} {r['power']:>6.3f} "
+        print(f"{m:>3} {name:<16} {gamma:>5g} {r['fwer']:>7.4f} {r['naive_fwer']:>7.4f} {r['false_eq']:>8.4f} "
+              f"{r['power']:>6.3f} "
               f"{r['seeds']:>6.2f} {r['early']:>6.2f} {r['trials']:>7.1f} | {r['fixed']['fwer']:>10.4f} "
               f"{r['fixed']['power']:>6.3f} {(m + 1) * n_max:>6} {n_star:>6.2f} {r['ratio']:>6.2f}")
     print("\nper γ: highest family-wise error over the null settings (both m); power, trials and ratio at 1σ")
@@ -199,6 +210,7 @@ def main() -> int:
     fwer_max = max(v["fwer"] for (m, name, _), v in chosen.items() if name in null_names)
     bound = fwer_max + 2.576 * math.sqrt(fwer_max * (1 - fwer_max) / sims)
     fixed_fwer = max(v["fixed"]["fwer"] for (m, name, _), v in chosen.items() if name in null_names)
+    naive_fwer = max(v["naive_fwer"] for (m, name, _), v in chosen.items() if name in null_names)
     feq_max = max(v["false_eq"] for v in chosen.values() if not math.isnan(v["false_eq"]))
     head = chosen[(*HEADLINE, SPENDING_GAMMA)]
     null = chosen[(HEADLINE[0], "null", SPENDING_GAMMA)]
@@ -207,7 +219,7 @@ def main() -> int:
           f"wall {time.perf_counter() - wall:.0f} s")
     print(f"bench=decisions sims={sims} rho={args.rho} margin={args.margin} looks={'/'.join(map(str, looks))} "
           f"gamma={SPENDING_GAMMA:g} fwer_max={fwer_max:.4f} fwer_max_upper99={bound:.4f} "
-          f"fixed_fwer_max={fixed_fwer:.4f} "
+          f"fixed_fwer_max={fixed_fwer:.4f} naive_fwer_max={naive_fwer:.4f} "
           f"false_eq_max={feq_max:.4f} power={head['power']:.3f} fixed_power={head['fixed']['power']:.3f} "
           f"trials={head['trials']:.1f} fixed_trials={head['fixed_trials_equal_power']:.1f} "
           f"ratio_1sigma={chosen[(HEADLINE[0], '1σ', SPENDING_GAMMA)]['ratio']:.2f} "
