@@ -25,15 +25,16 @@ Jennison & Turnbull §3.8). bench/decisions.py checks the whole procedure (t sta
 freedom at a first look of 3 seeds included) by simulation. Written here rather than taken from a
 package: the Python group-sequential packages are young one-author projects, and the recursion is short.
 
-Why γ = −1 for α: O'Brien–Fleming-type spending (γ ≈ −4) spends under 1e-4 at 3 seeds of 12, so nothing
-stops early. bench/decisions.py (20,000 simulated tables per setting, looks at 3/6/9/12 seeds, ρ = 0.5)
-compared γ = −2, −1, 0, 1: every one kept the family-wise error below α (worst 0.037 for γ = −1, 0.045 for
-γ = 1); at the effect 12 seeds are sized for (1.5σ, m = 4) γ = −1 and 0 needed the fewest trials for the
-fixed design's power (1.10× fewer), at 2σ γ = 1 stopped soonest (1.32× against 1.25× for γ = −1), at 1σ
-γ = −2 lost the least power (0.634 against 0.625 for γ = −1, 0.573 for γ = 1). γ = −1 is within a few
-percent of the best everywhere; it spends 17% of α by a quarter of the seeds (Pocock-like γ = 1: 35%,
-where a paired t with 2 degrees of freedom can rarely use it). β = 0.2 with γ = −2 for futility stops a
-comparison with no effect after 8 of 12 seeds on average (margin 1σ) at a power cost of 0.04 at 1σ.
+Why γ = −1 for α: O'Brien–Fleming-type spending (γ ≈ −4) spends under 3e-3 of α = 0.05 at 3 seeds of 12
+(the classic O'Brien–Fleming function under 1e-4), so almost nothing stops early. bench/decisions.py
+(20,000 simulated tables per setting, looks at 3/6/9/12 seeds, ρ = 0.5) compared γ = −4, −2, −1, 0, 1:
+every one kept the family-wise error below α (worst 0.037 for γ = −1, 0.045 for γ = 1). At the effect 12
+seeds are sized for (1.5σ, m = 4) γ = −1 and 0 reached the fixed design's power with the fewest trials
+(ratio 1.10); at 2σ γ = 1 stopped soonest (1.32 against 1.25 for γ = −1); at 1σ γ = −4 and −2 lost the
+least power (0.636 and 0.634 against 0.625 for γ = −1, 0.573 for γ = 1). γ = −1 is within a few percent
+of the best everywhere; it spends 17% of α by a quarter of the seeds (Pocock-like γ = 1: 35%, where a
+paired t with 2 degrees of freedom can rarely use it). β = 0.2 with γ = −2 for futility stops a
+comparison with no effect after 8 of 12 seeds on average (margin 1σ) at a power cost of about 0.04 at 1σ.
 """
 from __future__ import annotations
 
