@@ -24,7 +24,7 @@ result):
   whatever metric is compared: the `failed` column describes runs, not the metric.
 So for every cell: ended runs (finished, diverged, error) ≤ n + failed.
 
-Paired by seed (the default, `design="paired"`): seed s of two variants gets bit-identical initial weights
+Paired by seed (the default, `design="paired"`; dashboards.DEFAULT_DESIGN): seed s of two variants gets bit-identical initial weights
 for every layer both networks have (same shapes, same order), the same data order and the same
 augmentation: common random numbers, as every Ablate grid shares its seeds across variants. So Δ, its CI,
 p and P(improvement) come from the per-seed differences d = variant − baseline over the seeds both have
@@ -73,11 +73,12 @@ from scipy import stats
 from ablations.paper import FAIL_THRESHOLD, paper_value
 from ablations.spec import TEST_SIZES
 
+from . import DEFAULT_DESIGN, DESIGNS
+
 STATUSES = ("queued", "running", "finished", "diverged", "error", "cancelled")
 ENDED = ("finished", "diverged", "error")   # terminal states that should have produced a result
 MEASURED = ("finished", "diverged")         # terminal states whose value is a result
 METRICS = ("test_error", "train_loss", "train_error")
-DESIGNS = ("paired", "welch")
 SETTING_KEYS = ("dataset", "depth")
 KEYS = [*SETTING_KEYS, "variant"]
 
@@ -120,7 +121,7 @@ def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, base
             metric: str = "test_error", alpha: float = 0.05, delta: float = 0.2,
             fail_threshold: float = FAIL_THRESHOLD, variant_order: list[str] | None = None,
             paper: PaperLookup = paper_value, paper_reference: tuple[str, int] | None = None,
-            design: str = "paired") -> list[dict[str, Any]]:
+            design: str = DEFAULT_DESIGN) -> list[dict[str, Any]]:
     """One JSON-ready row per cell, settings sorted by (dataset, depth), variants in `variant_order`
     (unlisted ones after, by name; without an order: the baseline first, then by name).
 

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from . import DEFAULT_DESIGN
 from .stats import summary
 
 FORMATS = ("table", "markdown", "csv", "json", "latex", "parquet")
@@ -50,7 +51,7 @@ DESIGN_TEXT = {"paired": "Δ paired by seed", "welch": "Δ by Welch's t"}
 DECISION_STYLES = {"baseline": "bold", "better": "green", "worse": "red", "equivalent": "cyan", "undecided": "dim"}
 
 
-def document(grid: str, metric: str, rows: list[dict[str, Any]], alpha: float = 0.05, design: str = "paired",
+def document(grid: str, metric: str, rows: list[dict[str, Any]], alpha: float = 0.05, design: str = DEFAULT_DESIGN,
              sequential: dict[str, Any] | None = None) -> dict[str, Any]:
     """The comparison document: what `compare --format json` prints and what `render` takes."""
     return {"grid": grid, "metric": metric, "alpha": alpha, "design": design, "sequential": sequential,

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from dashboards import DEFAULT_DESIGN, DESIGNS
+
 from .grids import GridError, GridSpec, expand_grid, parse_grid_text
 from .results import BadRequest, NotFound, comparison, grid_status, seed_plan
 from .service import GridService
@@ -90,7 +92,7 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
              responses={400: {"description": "unknown metric or baseline"}, 404: {"description": "no such grid"}})
     def compare(grid_id: str, metric: Literal["test_error", "train_loss", "train_error"] = "test_error",
                 baseline: str | None = Query(None, max_length=64),
-                design: Literal["paired", "welch"] = "paired") -> dict[str, Any]:
+                design: Literal[DESIGNS] = DEFAULT_DESIGN) -> dict[str, Any]:
         return comparison(store, grid_id, metric, baseline, design)
 
     @app.get("/grids/{grid_id}/plan", dependencies=auth,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ablations.spec import BLOCKS, DATASET_SHAPES, SHORTCUTS, UNITS, VARIANTS
+from dashboards import DEFAULT_DESIGN, DESIGNS
 
 
 class UsageError(ValueError):
@@ -155,7 +156,7 @@ def _find_grid(store, ref: str):
 
 
 def comparison(store, grid_id: str, metric: str = "test_error", baseline: str | None = None,
-               design: str = "paired") -> dict[str, Any]:
+               design: str = DEFAULT_DESIGN) -> dict[str, Any]:
     from .results import BadRequest, comparison as compute
     try:
         return compute(store, grid_id, metric, baseline, design)
@@ -501,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="test_error", choices=("test_error", "train_loss", "train_error"))
     p.add_argument("--baseline", help="variant to compare against (default: the grid's baseline)")
     p.add_argument("--format", default="table", help="table, markdown, csv, json, latex, parquet")
-    p.add_argument("--design", default="paired", choices=("paired", "welch"),
+    p.add_argument("--design", choices=DESIGNS, default=DEFAULT_DESIGN,
                    help="Δ paired by seed (Ablate's grids share seeds across variants) or Welch's independent samples")
     p.add_argument("-o", "--output", help="write to FILE")
     p.add_argument("--server", help="ask the Ablate service at URL instead of the local state")

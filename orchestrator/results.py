@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dashboards import DEFAULT_DESIGN, DESIGNS
+
 from .grids import GridSpec, parse_grid
 from .state import StateStore
 
 METRICS = ("test_error", "train_loss", "train_error")
-DESIGNS = ("paired", "welch")
 
 
 class NotFound(LookupError):
@@ -34,7 +35,7 @@ def _baseline(spec: GridSpec, baseline: str | None) -> str:
 
 
 def comparison(store: StateStore, grid_id: str, metric: str = "test_error", baseline: str | None = None,
-               design: str = "paired") -> dict[str, Any]:
+               design: str = DEFAULT_DESIGN) -> dict[str, Any]:
     """The comparison document of `ablate compare --format json` and `GET /grids/{id}/comparison`.
 
     Every Ablate grid gives seed s to every variant, so the design is paired; `welch` is there for readers
