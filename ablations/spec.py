@@ -24,6 +24,8 @@ LAYERS_PER_UNIT = {"basic": 2, "bottleneck": 3}
 # Input channels, image size and classes per dataset: the stem and classifier follow the data.
 DATASET_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "fashion-mnist": (1, 28, 10),
                   "synthetic": (3, 32, 10)}
+# Test-set sizes: the binomial sampling error of a test error is sqrt(p(1 − p) / N_test).
+TEST_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "fashion-mnist": 10_000, "synthetic": 1_000}
 
 # Fields that only mean something for one shortcut type; setting them elsewhere is a mistake.
 SHORTCUT_FIELDS = {"shortcut_scale": ("scale",), "residual_scale": ("scale",),

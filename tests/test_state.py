@@ -19,11 +19,13 @@ from sqlalchemy.orm import Session
 from orchestrator.grids import expand_grid, load_grid
 from orchestrator.state import BaseStateStore, StateError, StateStore, get_store, migrate
 from orchestrator.state.models import VERSION_TABLE, Base
+from orchestrator.state.sql import open_engine
 from tests import state_v1
 
 GRID = {"name": "g", "dataset": "synthetic", "subset": 256, "recipe": "smoke", "depths": [8], "block": "basic",
         "width": 4, "variants": ["original", "full_preact"], "seeds": 2}
-RESULT = {"status": "finished", "test_error": 12.5, "train_loss": 0.3, "train_error": 4.0, "history": []}
+RESULT = {"status": "finished", "test_error": 12.5, "train_loss": 0.3, "train_error": 4.0, "history": [],
+          "test_size": 10000, "precision": "fp32"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -285,7 +287,9 @@ def test_the_baseline_revision_is_the_schema_before_migrations(url, tmp_path, re
     old = state_v1.create(url, tuned=True)
     new_url = (f"sqlite:///{tmp_path / 'new.db'}" if url.startswith("sqlite") else
                request.getfixturevalue("postgres").create_database(f"t{uuid.uuid4().hex[:12]}"))
-    new = StateStore(new_url).engine
+    new = open_engine(new_url)
+    with new.begin() as conn:  # revision 0002: the baseline plus the tuned recipes tuning used to create
+        migrate.upgrade(conn, new_url, target="0002")
     tables = sorted(state_v1.Base.metadata.tables) + ["ablate_tuned_recipes"]
     assert _schema(new, tables) == _schema(old, tables)
     with new.connect() as conn:
@@ -337,7 +341,10 @@ def test_a_database_from_before_migrations_upgrades_in_place(url, tuned):
     finished = rows[trials[0].key]
     assert (finished["result"], finished["test_error"], finished["mlflow_run_id"]) == (RESULT, 12.5, "run-0")
     assert store.grid(grid_id).mlflow_run_id == "parent-run" and store.find_grid("g").id == grid_id
-    assert store.results_table(grid_id).column("test_error").to_pylist().count(12.5) == 1
+    table = store.results_table(grid_id)
+    assert table.column("test_error").to_pylist().count(12.5) == 1
+    # Revision 0003 fills the new columns from the stored records.
+    assert table.column("test_size").to_pylist().count(10000) == table.column("precision").to_pylist().count("fp32") == 1
     assert [a.outcome for a in store.attempts(trials[2].key)] == ["error"]
     assert store.tuned_recipes() == ({"lr": {"lr": 0.05}} if tuned else {})
     # The old rows follow the contract: the queued trial can be claimed, the finished one cannot.

@@ -14,10 +14,12 @@ from contextlib import AbstractContextManager
 from typing import Any, Iterable
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from .models import AttemptRow, GridRow, GridTrialRow, TrialRow, TunedRecipeRow
+from .models import (LOOK_FIELDS, AttemptRow, GridRow, GridTrialRow, SequentialLookRow, SequentialPlanRow,
+                     TrialRow, TunedRecipeRow)
 
 STATES = ("queued", "running", "finished", "diverged", "error", "cancelled")
 DONE = ("finished", "diverged")
@@ -157,15 +159,30 @@ class BaseStateStore(ABC):
     def results_table(self, grid_id: str):
         """The grid's results as a pyarrow Table in one query: the fast read path of the tables."""
         import pyarrow as pa  # only the tables need it, not every process that opens a store
-        names = ["dataset", "depth", "variant", "seed", "status", "test_error", "train_loss", "train_error"]
+        names = ["dataset", "depth", "variant", "seed", "status", "test_error", "train_loss", "train_error",
+                 "test_size", "precision"]
         query = (select(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed,
-                        TrialRow.status, TrialRow.test_error, TrialRow.train_loss, TrialRow.train_error)
+                        TrialRow.status, TrialRow.test_error, TrialRow.train_loss, TrialRow.train_error,
+                        TrialRow.test_size, TrialRow.precision)
                  .join(TrialRow, TrialRow.key == GridTrialRow.trial_key).where(GridTrialRow.grid_id == grid_id)
                  # A fixed order: the bootstrap resamples by position, so the same results give the same CI.
                  .order_by(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed))
         with self.snapshot() as s:
             rows = s.execute(query).all()
-        return pa.table({name: [r[i] for r in rows] for i, name in enumerate(names)})
+        types = {"test_size": pa.int64(), "precision": pa.string()}
+        return pa.table({name: pa.array([r[i] for r in rows], types.get(name)) for i, name in enumerate(names)})
+
+    def trial_durations(self, grid_id: str) -> list[dict[str, Any]]:
+        """Seconds each ended trial of the grid took, summed over its attempts, with its cell."""
+        query = (select(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed,
+                        func.sum(AttemptRow.ended_at - AttemptRow.started_at))
+                 .join(AttemptRow, AttemptRow.trial_key == GridTrialRow.trial_key)
+                 .join(TrialRow, TrialRow.key == GridTrialRow.trial_key)
+                 .where(GridTrialRow.grid_id == grid_id, AttemptRow.ended_at.is_not(None), TrialRow.status.in_(DONE))
+                 .group_by(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed))
+        with self.snapshot() as s:
+            rows = s.execute(query).all()
+        return [{"dataset": d, "depth": n, "variant": v, "seed": seed, "seconds": float(t)} for d, n, v, seed, t in rows]
 
     def counts(self, grid_id: str) -> dict[str, int]:
         with self.snapshot() as s:
@@ -227,6 +244,7 @@ class BaseStateStore(ABC):
             row.status, row.result, row.updated_at = status, json.dumps(record), time.time()
             row.test_error, row.train_loss, row.train_error = (result.get("test_error"), result.get("train_loss"),
                                                                result.get("train_error"))
+            row.test_size, row.precision = result.get("test_size"), result.get("precision")
             row.owner, row.error = None, None
             _end_attempt(s, key, owner, status)
             return True
@@ -280,6 +298,47 @@ class BaseStateStore(ABC):
     def tuned_recipes(self) -> dict[str, dict[str, Any]]:
         """{name: recipe fields} for `expand_grid(spec, tuned=...)`, where a grid says `recipe: tuned/<name>`."""
         return {r["name"]: r["recipe"] for r in self.tuned_records()}
+
+    # ------------------------------------------------------------------------------- sequential plans
+    def sequential_plan(self, grid_id: str) -> dict[str, Any] | None:
+        with self.snapshot() as s:
+            row = s.get(SequentialPlanRow, grid_id)
+            return None if row is None else json.loads(row.plan)
+
+    def start_sequential(self, grid_id: str, plan: dict[str, Any]) -> dict[str, Any]:
+        """Store the grid's plan unless it has one; returns the stored plan (the first one wins)."""
+        try:
+            with self.transaction() as s:
+                if s.get(SequentialPlanRow, grid_id) is None:
+                    s.add(SequentialPlanRow(grid_id=grid_id, plan=json.dumps(plan), created_at=time.time()))
+        except IntegrityError:
+            pass  # another process stored its plan between our read and write: that one stands
+        return self.sequential_plan(grid_id)
+
+    def record_look(self, grid_id: str, look: int, records: dict[tuple[str, int, str], dict[str, Any]]) -> bool:
+        """Store one look's outcomes, all or nothing; False (nothing written) when the look is stored already."""
+        now = time.time()
+        try:
+            with self.transaction() as s:
+                if s.scalar(select(func.count()).select_from(SequentialLookRow).where(
+                        SequentialLookRow.grid_id == grid_id, SequentialLookRow.look == look)):
+                    return False
+                for (dataset, depth, variant), record in records.items():
+                    s.add(SequentialLookRow(grid_id=grid_id, look=look, dataset=dataset, depth=depth, variant=variant,
+                                            created_at=now, **{k: record[k] for k in LOOK_FIELDS}))
+        except IntegrityError:
+            return False
+        return True
+
+    def sequential_looks(self, grid_id: str) -> list[dict[tuple[str, int, str], dict[str, Any]]]:
+        """The stored looks in order, each: comparison (dataset, depth, variant) → its record."""
+        with self.snapshot() as s:
+            rows = list(s.scalars(select(SequentialLookRow).where(SequentialLookRow.grid_id == grid_id)
+                                  .order_by(SequentialLookRow.look)))
+        looks: dict[int, dict] = {}
+        for r in rows:
+            looks.setdefault(r.look, {})[(r.dataset, r.depth, r.variant)] = {k: getattr(r, k) for k in LOOK_FIELDS}
+        return [looks[k] for k in sorted(looks)]
 
 
 def _chunks(items: list, size: int = CHUNK):

@@ -49,8 +49,9 @@ def head() -> str:
     return _scripts().get_current_head()
 
 
-def upgrade(conn: Connection, where: str) -> None:
-    """Upgrade the database behind `conn` (in a transaction holding the migration lock) to the head."""
+def upgrade(conn: Connection, where: str, target: str = "head") -> None:
+    """Upgrade the database behind `conn` (in a transaction holding the migration lock) to the head (or to
+    `target`, for tests of one revision)."""
     current = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_heads()
     if current == (head(),):
         return
@@ -67,4 +68,4 @@ def upgrade(conn: Connection, where: str) -> None:
             raise StateError(f"state database {where} has schema {version}, newer than this Ablate's: "
                              f"upgrade Ablate")
         command.stamp(config, BASELINE)
-    command.upgrade(config, "head")
+    command.upgrade(config, target)

@@ -47,6 +47,9 @@ class TrialRow(Base):
     test_error: Mapped[float | None] = mapped_column(Float, nullable=True)
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     train_error: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Images the test error was measured on (its binomial sampling error) and the precision it trained in.
+    test_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    precision: Mapped[str | None] = mapped_column(String(8), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
 
@@ -86,3 +89,39 @@ class TunedRecipeRow(Base):
     params: Mapped[str] = mapped_column(Text)
     spec: Mapped[str] = mapped_column(Text)  # what it was tuned for: dataset, depth, variant, space, …
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class SequentialPlanRow(Base):
+    """The plan a grid's comparisons are decided by with `ablate run --until-decided` (dashboards.sequential.Plan
+    as JSON: looks, seeds, α, β, margin, spending, baseline, metric). Written once, before the first look."""
+    __tablename__ = "ablate_sequential_plans"
+    grid_id: Mapped[str] = mapped_column(ForeignKey("ablate_grids.id"), primary_key=True)
+    plan: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class SequentialLookRow(Base):
+    """One comparison's outcome at one look of its grid's plan. Written once: a rerun goes on from the
+    stored looks and never tests (nor spends α on) the same look again."""
+    __tablename__ = "ablate_sequential_looks"
+    grid_id: Mapped[str] = mapped_column(ForeignKey("ablate_grids.id"), primary_key=True)
+    look: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(32), primary_key=True)
+    depth: Mapped[int] = mapped_column(Integer, primary_key=True)
+    variant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)                      # pairs at this look
+    delta: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sd: Mapped[float | None] = mapped_column(Float, nullable=True)
+    p_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    level: Mapped[float | None] = mapped_column(Float, nullable=True)        # the nominal threshold tested at
+    share: Mapped[float | None] = mapped_column(Float, nullable=True)        # 1/j of α (Holm)
+    alpha_spent: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ci_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ci_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    decision: Mapped[str] = mapped_column(String(16))
+    stopped: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None: the comparison goes on
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+LOOK_FIELDS = ("n", "delta", "sd", "p_value", "level", "share", "alpha_spent", "ci_low", "ci_high", "decision",
+               "stopped")
