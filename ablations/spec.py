@@ -6,9 +6,9 @@ typo fails with the list of choices before any module is built.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Activation placements of Fig. 4 (a)-(e).
 UNITS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
@@ -21,11 +21,6 @@ PAPER_DEPTHS = {20: "basic", 32: "basic", 44: "basic", 56: "basic", 110: "basic"
                 164: "bottleneck", 1001: "bottleneck"}
 # Convolutions per unit and the depth formula's multiplier: basic 6n+2, bottleneck 9n+2.
 LAYERS_PER_UNIT = {"basic": 2, "bottleneck": 3}
-# Input channels, image size and classes per dataset: the stem and classifier follow the data.
-DATASET_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "fashion-mnist": (1, 28, 10),
-                  "synthetic": (3, 32, 10)}
-# Test-set sizes: the binomial sampling error of a test error is sqrt(p(1 − p) / N_test).
-TEST_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "fashion-mnist": 10_000, "synthetic": 1_000}
 
 # Fields that only mean something for one shortcut type; setting them elsewhere is a mistake.
 SHORTCUT_FIELDS = {"shortcut_scale": ("scale",), "residual_scale": ("scale",),
@@ -103,18 +98,30 @@ class ModelSpec(BaseModel):
         return self.unit in ("relu_only_preact", "full_preact")
 
 
+def _first_error(exc: ValidationError) -> dict[str, Any]:
+    """pydantic's first error, or, when that is only the input failing one member of a union ("not a string"),
+    the first error of the same field that says what is wrong with the input in the member it fits."""
+    errors = exc.errors()
+    first = errors[0]
+    if first["type"].endswith("_type"):
+        return next((e for e in errors if e["loc"][:1] == first["loc"][:1] and not e["type"].endswith("_type")),
+                    first)
+    return first
+
+
 def validation_reason(exc: ValidationError, subject: str) -> str:
     """pydantic's first error in one line: the field path, the reason and, for type errors, the value."""
-    err = exc.errors()[0]
-    # Union members show up in the path as type names ("str", "list[...]", "int"): not fields.
-    where = ".".join(str(p) for p in err["loc"] if not re.match(r"^(str|int|float|list\[|dict\[|[A-Z]\w*Spec$)", str(p)))
+    err = _first_error(exc)
+    # Union members show up in the path as type names ("str", "list[...]", "function-after[...]"): not fields.
+    where = ".".join(str(p) for p in err["loc"]
+                     if not re.match(r"^(str|int|float|list\[|dict\[|function-after\[|[A-Z]\w*Spec$)", str(p)))
     value = "" if err["type"] == "value_error" else f" (got {err.get('input')!r})"
     return f"{where or subject}: {err['msg'].removeprefix('Value error, ')}{value}"
 
 
 def raise_one_line(exc: ValidationError, error: type[ValueError], subject: str) -> NoReturn:
     """Re-raise a validation failure as `error` with one line; our own errors inside pass through."""
-    inner = (exc.errors()[0].get("ctx") or {}).get("error")
+    inner = (_first_error(exc).get("ctx") or {}).get("error")
     if isinstance(inner, error):
         raise inner from None
     raise error(validation_reason(exc, subject)) from None
@@ -186,3 +193,15 @@ MODEL_FIELDS = tuple(name for name in ModelSpec.model_fields if name not in ("de
 def variant_fields(name: str) -> dict[str, Any]:
     """The model fields of a catalogue variant, or SpecError listing the catalogue."""
     return dict(VARIANTS[_choice("variant", name, VARIANTS)])
+
+
+def check_variant(name: str) -> str:
+    """`name` when the catalogue has it, else ValueError listing the catalogue (a spec may write its own)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; catalogue: {', '.join(VARIANTS)} "
+                         f"(or write a mapping with name and model fields)")
+    return name
+
+
+# A catalogue name as a field type of the spec models (grid, tuning study).
+CatalogueVariant = Annotated[str, AfterValidator(check_variant)]

@@ -71,14 +71,10 @@ import pyarrow as pa
 from scipy import stats
 
 from ablations.paper import FAIL_THRESHOLD, paper_value
-from ablations.spec import TEST_SIZES
+from ablations.vocabulary import ENDED, MEASURED, METRICS, STATUSES, TEST_SIZES
 
 from . import DEFAULT_DESIGN, DESIGNS
 
-STATUSES = ("queued", "running", "finished", "diverged", "error", "cancelled")
-ENDED = ("finished", "diverged", "error")   # terminal states that should have produced a result
-MEASURED = ("finished", "diverged")         # terminal states whose value is a result
-METRICS = ("test_error", "train_loss", "train_error")
 SETTING_KEYS = ("dataset", "depth")
 KEYS = [*SETTING_KEYS, "variant"]
 

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ablations.spec import BLOCKS, DATASET_SHAPES, SHORTCUTS, UNITS, VARIANTS
+from ablations.spec import BLOCKS, SHORTCUTS, UNITS, VARIANTS
+from ablations.vocabulary import DATASET_SHAPES, MEASURED, METRICS
 from dashboards import DEFAULT_DESIGN, DESIGNS
 
 
@@ -131,16 +132,22 @@ def recipe_overrides(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> Any:
+    from ablations.vocabulary import check_data_dir
+    if args.iterations is not None and args.iterations < 1:
+        raise UsageError(f"--iterations must be positive, got {args.iterations}")
+    if args.data_dir is not None:
+        try:
+            check_data_dir(args.data_dir)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     from workers.checkpoint import CheckpointError
     from workers.sinks import JsonLinesSink
     from workers.trainer import run_trial, trial_config
-    if args.iterations is not None and args.iterations < 1:
-        raise UsageError(f"--iterations must be positive, got {args.iterations}")
     fields = {k: v for k, v in model_fields(args).items() if k not in ("in_channels", "num_classes")}
     config = trial_config(fields, args.dataset, recipe_overrides(args), args.seed, subset=args.subset)
     try:
         result = run_trial(config, checkpoint_dir=args.checkpoint_dir, sink=JsonLinesSink(sys.stderr),
-                           threads=args.threads, device=args.device)
+                           threads=args.threads, device=args.device, data_dir=args.data_dir)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
     return {k: v for k, v in result.items() if k != "history"}
@@ -190,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> Any:
         raise SystemExit(130) from exc
     out["comparison"] = comparison(store, out["grid"])
     print(f"MLflow: {ui_command(out['tracking_uri'])}", file=sys.stderr)
-    ended_well = out["counts"]["finished"] + out["counts"]["diverged"] == out["trials"]
+    ended_well = sum(out["counts"][s] for s in MEASURED) == out["trials"]
     out["exit_code"] = 0 if ended_well else 1
     return out
 
@@ -469,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="train for K iterations, the schedule rescaled to fit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from the newest")
+    p.add_argument("--data-dir", help="datasets root, an absolute path as a grid's data_dir (default $ABLATE_DATA_DIR)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
 
@@ -502,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="a tuning spec file (YAML or JSON); see README 'Tuning recipes'")
     p = command("compare", "the comparison table of a grid")
     p.add_argument("grid")
-    p.add_argument("--metric", default="test_error", choices=("test_error", "train_loss", "train_error"))
+    p.add_argument("--metric", default="test_error", choices=METRICS)
     p.add_argument("--baseline", help="variant to compare against (default: the grid's baseline)")
     p.add_argument("--format", default="table", help="table, markdown, csv, json, latex, parquet")
     p.add_argument("--design", choices=DESIGNS, default=DEFAULT_DESIGN,

@@ -15,8 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ablations.paper import GRIDS
-from ablations.spec import (DATASET_SHAPES, MODEL_FIELDS, VARIANTS, SpecError, load_yaml, make_spec,
-                            validate_mapping, variant_fields)
+from ablations.spec import (MODEL_FIELDS, CatalogueVariant, SpecError, load_yaml, make_spec, validate_mapping,
+                            variant_fields)
+from ablations.vocabulary import DATASET_SHAPES, DataDir, DatasetName
 
 NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
 DEFAULT_MAX_TRIALS = 5000
@@ -62,12 +63,12 @@ class GridSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
-    dataset: str | list[str]
+    dataset: DatasetName | list[DatasetName]
     subset: int | None = Field(None, ge=1)
-    data_dir: str | None = Field(None, description="datasets root on every node; not part of trial identity")
+    data_dir: DataDir | None = Field(None, description="datasets root on every node; not part of trial identity")
     recipe: str | dict[str, Any] = "mini-cpu"
     depths: list[int] = Field(min_length=1)
-    variants: list[str | VariantSpec] = Field(min_length=1)
+    variants: list[CatalogueVariant | VariantSpec] = Field(min_length=1)
     seeds: int | list[int]
     baseline: str | None = None
     resources: Resources = Resources()
@@ -87,21 +88,8 @@ class GridSpec(BaseModel):
         names = [value] if isinstance(value, str) else value
         if not names:
             raise ValueError("at least one dataset")
-        for d in names:
-            if d not in DATASET_SHAPES:
-                raise ValueError(f"unknown dataset {d!r}; choose one of: {', '.join(DATASET_SHAPES)}")
         if len(set(names)) != len(names):
             raise ValueError("datasets repeat")
-        return value
-
-    @field_validator("data_dir")
-    @classmethod
-    def _data_dir(cls, value):
-        if value is None:
-            return value
-        path = Path(value)
-        if not path.is_absolute() or ".." in path.parts or "\x00" in value:
-            raise ValueError("data_dir must be an absolute path without '..' (every node resolves it alike)")
         return value
 
     @field_validator("paper_setting")
@@ -143,10 +131,6 @@ class GridSpec(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variant names repeat: {', '.join(dup)}")
-        unknown = [n for n in self.variants if isinstance(n, str) and n not in VARIANTS]
-        if unknown:
-            raise ValueError(f"unknown variant {unknown[0]!r}; catalogue: {', '.join(VARIANTS)} "
-                             f"(or write a mapping with name and model fields)")
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline {self.baseline!r} is not one of the variants: {', '.join(names)}")
         return self

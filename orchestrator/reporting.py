@@ -5,7 +5,7 @@ import functools
 import json
 import threading
 
-from ablations.spec import DATASET_SHAPES
+from ablations.vocabulary import DATASET_SHAPES
 from workers.config import TrialConfig
 
 from .results import comparison, grid_spec, grid_status

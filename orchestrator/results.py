@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ablations.vocabulary import METRICS
 from dashboards import DEFAULT_DESIGN, DESIGNS
 
 from .grids import GridSpec, parse_grid
 from .state import BaseStateStore
-
-METRICS = ("test_error", "train_loss", "train_error")
 
 
 class NotFound(LookupError):

@@ -20,11 +20,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+from ablations.vocabulary import ACTIVE, ENDED, MEASURED
 from workers.sinks import NullSink
 
 from .cluster import ensure_ray
 from .grids import GridSpec, GridTrial, expand_grid
-from .state import DONE, STALE_AFTER_S, StateStore, ablate_home
+from .state import STALE_AFTER_S, StateStore, ablate_home
 from .tracking import MlflowSink, Tracker
 
 HEARTBEAT_EVERY_S = STALE_AFTER_S / 4
@@ -131,7 +132,7 @@ class GridRunner:
         """
         pending = 0
         for trial in self.store.grid_trials(grid_id, keys):
-            if trial["mlflow_synced"] or trial["status"] not in (*DONE, "error"):
+            if trial["mlflow_synced"] or trial["status"] not in ENDED:
                 continue
             run_id = self._child_run(spec, grid_id, trial)
             try:
@@ -164,7 +165,7 @@ class GridRunner:
         grid_id = self.submit(spec, extra)
         rows = {t["key"]: t for t in self.store.grid_trials(grid_id)}
         before = {k: t["status"] for k, t in rows.items()}
-        reused = sum(1 for s in before.values() if s in DONE)
+        reused = sum(1 for s in before.values() if s in MEASURED)
         parent = self.store.grid(grid_id).mlflow_run_id
         self._orphans = {}
         if parent is None:
@@ -184,7 +185,7 @@ class GridRunner:
         total = ray.cluster_resources()
         slots = max(1, int(min(total.get("CPU", 1) / cpu, total.get("GPU", 0) / gpu if gpu else float("inf"))))
 
-        todo = [k for k, s in before.items() if s not in DONE]
+        todo = [k for k, s in before.items() if s not in MEASURED]
         inflight: dict[Any, tuple[list[str], float]] = {}  # one Ray task: its trials (a fused group), when
         executed = interrupted = cancelled = 0
         last_beat = last_cancel_check = time.time()
@@ -246,7 +247,7 @@ class GridRunner:
                     # Trials another owner held: try again once they are queued or their owner went silent.
                     for key in list(waiting_on_others):
                         waiting_on_others.discard(key)
-                        if self.store.trial(key).status not in (*DONE, "error", "cancelled"):
+                        if self.store.trial(key).status in ACTIVE:
                             todo.append(key)
                 if now - last_cancel_check > 1.0:
                     last_cancel_check = now

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from ablations.vocabulary import HISTORY_METRICS
 from workers.sinks import MetricsSink
 
 from .state import ablate_home
@@ -22,7 +23,6 @@ from .state import ablate_home
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-METRICS = ("train_loss", "train_error", "test_error", "test_loss", "lr", "img_per_s")
 PARAM_LIMIT = 6000
 ARTIFACT_CAP_BYTES = int(float(os.environ.get("ABLATE_ARTIFACT_CAP_MB", "64")) * 2**20)
 
@@ -188,7 +188,7 @@ class Tracker:
         from mlflow.entities import Metric, RunTag
         client = self.client
         missing = []
-        for key in () if delivered or not result.get("history") else METRICS:
+        for key in () if delivered or not result.get("history") else HISTORY_METRICS:
             have = {m.step for m in client.get_metric_history(run_id, key)}
             missing += [Metric(key, float(h[key]), int(time.time() * 1000), int(h["step"]))
                         for h in result.get("history", []) if h.get(key) is not None and h["step"] not in have]

@@ -421,6 +421,6 @@ def test_test_set_sampling_error_from_the_record_or_the_dataset():
 
 
 def test_dataset_test_sizes_match_the_loader():
-    from ablations.spec import TEST_SIZES
+    from ablations.vocabulary import TEST_SIZES
     from workers.data import load_dataset
     assert len(load_dataset("synthetic").test.y) == TEST_SIZES["synthetic"]

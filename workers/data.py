@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ablations.spec import DATASET_SHAPES
+from ablations.vocabulary import DATASET_SHAPES
 
-DATASETS = ("cifar10", "cifar100", "fashion-mnist", "synthetic")
 DEBIAN_FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
                        "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
@@ -71,8 +70,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, subset: i
                  validation: float = 0.0, split_seed: int = 0) -> Dataset:
     """The named dataset; `subset` keeps the first N training examples, then `validation` moves a
     fraction of them, chosen by a permutation drawn from `split_seed`, into `val`."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if name not in DATASET_SHAPES:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_SHAPES)}")
     if not 0.0 <= validation < 1.0:
         raise DataError(f"validation must be a fraction in [0, 1), got {validation}")
     if name == "synthetic":

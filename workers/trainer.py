@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ablations import ModelSpec, build_model, count_macs
 from ablations.resnet import join_states, split_state
-from ablations.spec import DATASET_SHAPES
+from ablations.vocabulary import DATASET_SHAPES
 
 from .checkpoint import checkpoints, prepare_dir, readable, save_checkpoint, stored_result
 from .config import TrialConfig

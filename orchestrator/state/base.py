@@ -18,11 +18,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from ablations.vocabulary import MEASURED, STATUSES
+
 from .models import (LOOK_FIELDS, AttemptRow, GridRow, GridTrialRow, SequentialLookRow, SequentialPlanRow,
                      TrialRow, TunedRecipeRow)
 
-STATES = ("queued", "running", "finished", "diverged", "error", "cancelled")
-DONE = ("finished", "diverged")
 # A running trial whose owner stopped heartbeating this long is taken over (owners beat 4× as often).
 STALE_AFTER_S = float(os.environ.get("ABLATE_STALE_AFTER_S", "30"))
 # IN lists and multi-row inserts go in chunks: a few statements per grid, not one per trial, and under
@@ -178,7 +178,8 @@ class BaseStateStore(ABC):
                         func.sum(AttemptRow.ended_at - AttemptRow.started_at))
                  .join(AttemptRow, AttemptRow.trial_key == GridTrialRow.trial_key)
                  .join(TrialRow, TrialRow.key == GridTrialRow.trial_key)
-                 .where(GridTrialRow.grid_id == grid_id, AttemptRow.ended_at.is_not(None), TrialRow.status.in_(DONE))
+                 .where(GridTrialRow.grid_id == grid_id, AttemptRow.ended_at.is_not(None),
+                        TrialRow.status.in_(MEASURED))
                  .group_by(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed))
         with self.snapshot() as s:
             rows = s.execute(query).all()
@@ -189,7 +190,7 @@ class BaseStateStore(ABC):
             rows = s.execute(select(TrialRow.status, func.count()).join(
                 GridTrialRow, TrialRow.key == GridTrialRow.trial_key)
                 .where(GridTrialRow.grid_id == grid_id).group_by(TrialRow.status)).all()
-        counts = dict.fromkeys(STATES, 0)
+        counts = dict.fromkeys(STATUSES, 0)
         counts.update({status: n for status, n in rows})
         return counts
 
@@ -234,7 +235,7 @@ class BaseStateStore(ABC):
     def finish(self, key: str, owner: str, result: dict[str, Any]) -> bool:
         """Store a result once; False when this owner no longer holds the trial (nothing is written)."""
         status = result["status"]
-        if status not in DONE:
+        if status not in MEASURED:
             raise ValueError(f"a result's status is finished or diverged, not {status!r}")
         record = {k: v for k, v in result.items() if k != "config"}
         with self.transaction() as s:

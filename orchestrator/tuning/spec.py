@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ablations.spec import DATASET_SHAPES, VARIANTS, load_yaml, validate_mapping, variant_fields
+from ablations.spec import CatalogueVariant, load_yaml, validate_mapping, variant_fields
+from ablations.vocabulary import DataDir, DatasetName
 
 from ..grids import NAME_PATTERN, Resources, VariantSpec
 
@@ -36,13 +37,13 @@ class TuneSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
-    dataset: str
+    dataset: DatasetName
     subset: int | None = Field(None, ge=1)
-    data_dir: str | None = Field(None, description="datasets root on every node, as in a grid")
+    data_dir: DataDir | None = Field(None, description="datasets root on every node, as in a grid")
     depth: int = Field(ge=1)
     block: Literal["basic", "bottleneck"] | None = None
     width: int | None = Field(None, ge=1, le=1024)
-    variant: str | VariantSpec = "original"
+    variant: CatalogueVariant | VariantSpec = "original"
     base: str | dict[str, Any] = "mini-cpu"
     space: dict[str, dict[str, Any]]
     n_trials: int = Field(20, ge=1, le=10_000)
@@ -52,21 +53,6 @@ class TuneSpec(BaseModel):
     parallel: int | None = Field(None, ge=1, le=1024, description="default: Ray CPUs (or GPUs) / resources")
     resources: Resources = Resources()
 
-    @field_validator("dataset")
-    @classmethod
-    def _dataset(cls, value):
-        if value not in DATASET_SHAPES:
-            raise ValueError(f"unknown dataset {value!r}; choose one of: {', '.join(DATASET_SHAPES)}")
-        return value
-
-    @field_validator("variant")
-    @classmethod
-    def _variant(cls, value):
-        if isinstance(value, str) and value not in VARIANTS:
-            raise ValueError(f"unknown variant {value!r}; catalogue: {', '.join(VARIANTS)} "
-                             f"(or write a mapping with name and model fields)")
-        return value
-
     @field_validator("space")
     @classmethod
     def _space(cls, value):
@@ -75,12 +61,6 @@ class TuneSpec(BaseModel):
         for field, entry in value.items():
             _check_entry(field, entry)
         return value
-
-    @model_validator(mode="after")
-    def _data_dir(self) -> "TuneSpec":
-        if self.data_dir is not None and (not Path(self.data_dir).is_absolute() or ".." in Path(self.data_dir).parts):
-            raise ValueError("data_dir must be an absolute path without '..' (every node resolves it alike)")
-        return self
 
     def network_fields(self) -> dict[str, Any]:
         fields = variant_fields(self.variant) if isinstance(self.variant, str) else self.variant.fields()

@@ -1,0 +1,56 @@
+"""The words every layer shares, each defined once: trial statuses, metrics, datasets, and the checks on a
+dataset name and a data folder that grid specs, tuning specs and `ablate train` all apply.
+
+Here, at the bottom of the import order (`ablations/` imports nothing of ours), so the trainer, the state
+store, the scheduler, the statistics and the pages all read the same tuple instead of keeping their own.
+"""
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+# A trial's life: queued → running → finished, diverged or error (or queued again for a retry); a queued or
+# running trial of a cancelled grid → cancelled. Submitting the grid again queues its error and cancelled trials.
+STATUSES = ("queued", "running", "finished", "diverged", "error", "cancelled")
+ACTIVE = ("queued", "running")             # not ended: someone still has to run it
+ENDED = ("finished", "diverged", "error")  # ended with a run behind it: a result, or an error after the retries
+MEASURED = ("finished", "diverged")        # ended with a result: a diverged run was still evaluated
+
+# What a comparison may be made on: a trial's final values, stored as result columns (errors in %).
+METRICS = ("test_error", "train_loss", "train_error")
+# What a trial's history records hold at its log points, and so what its MLflow run holds, step by step.
+HISTORY_METRICS = ("train_loss", "train_error", "test_error", "test_loss", "lr", "img_per_s")
+
+# Input channels, image size and classes per dataset: the stem and classifier follow the data.
+DATASET_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "fashion-mnist": (1, 28, 10),
+                  "synthetic": (3, 32, 10)}
+# Test-set sizes: the binomial sampling error of a test error is sqrt(p(1 − p) / N_test).
+TEST_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "fashion-mnist": 10_000, "synthetic": 1_000}
+
+
+def check_dataset(name: str) -> str:
+    """`name` when it is a dataset Ablate reads, else ValueError listing them."""
+    if name not in DATASET_SHAPES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_SHAPES)}")
+    return name
+
+
+def check_data_dir(path: str) -> str:
+    """`path` when every node of a cluster resolves it to the same folder: absolute, without '..'.
+
+    POSIX rules on every client, since the workers that read the folder run Linux."""
+    if "\x00" in path:
+        raise ValueError(f"data_dir holds a NUL byte, which no path can: {path!r}")
+    if not PurePosixPath(path).is_absolute():
+        raise ValueError(f"data_dir must be an absolute path (every node resolves it alike), got {path!r}")
+    if ".." in PurePosixPath(path).parts:
+        raise ValueError(f"data_dir must be an absolute path without '..' (every node resolves it alike), "
+                         f"got {path!r}")
+    return path
+
+
+# The two as field types of the spec models (grid, tuning study): pydantic runs the check on the value.
+DatasetName = Annotated[str, AfterValidator(check_dataset)]
+DataDir = Annotated[str, AfterValidator(check_data_dir)]
