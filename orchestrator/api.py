@@ -6,15 +6,15 @@ unknown grid 404, a question the grid cannot answer 400.
 """
 from __future__ import annotations
 
-import html
 import secrets
-import time
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from ablations.vocabulary import METRICS
 from dashboards import DEFAULT_DESIGN, DESIGNS
+from dashboards.pages import render_index
 
 from .grids import GridError, GridSpec, expand_grid, parse_grid_text
 from .results import BadRequest, NotFound, comparison, grid_status, seed_plan
@@ -89,7 +89,7 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
 
     @app.get("/grids/{grid_id}/comparison", dependencies=auth,
              responses={400: {"description": "unknown metric or baseline"}, 404: {"description": "no such grid"}})
-    def compare(grid_id: str, metric: Literal["test_error", "train_loss", "train_error"] = "test_error",
+    def compare(grid_id: str, metric: Literal[METRICS] = "test_error",
                 baseline: str | None = Query(None, max_length=64),
                 design: Literal[DESIGNS] = DEFAULT_DESIGN) -> dict[str, Any]:
         return comparison(store, grid_id, metric, baseline, design)
@@ -109,7 +109,7 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
 
     @app.get("/", dependencies=auth, response_class=HTMLResponse)
     def index() -> HTMLResponse:
-        return HTMLResponse(index_page([grid_status(store, row.id) for row in store.grids()]))
+        return HTMLResponse(render_index([grid_status(store, row.id) for row in store.grids()]))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -125,18 +125,3 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
 
     app.openapi = openapi
     return app
-
-
-def index_page(grids: list[dict[str, Any]]) -> str:
-    """The grid list, refreshed every 5 s, each grid linking to its report."""
-    rows = "".join(
-        f"<tr><td><a href='/grids/{html.escape(g['grid'])}/report'>{html.escape(g['grid'])}</a></td>"
-        + "".join(f"<td class='{s}'>{g[s]}</td>" for s in ("queued", "running", "finished", "diverged", "error",
-                                                           "cancelled"))
-        + "</tr>" for g in grids)
-    return f"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
-<title>Ablate</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}</style></head>
-<body><h1>Ablate grids</h1><p>updated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>
-<table id="grids"><tr><th>grid</th><th>queued</th><th>running</th><th>finished</th><th>diverged</th><th>error</th>
-<th>cancelled</th></tr>{rows}</table></body></html>"""

@@ -243,9 +243,19 @@ def cmd_submit(args: argparse.Namespace) -> Any:
                 "application/json")
 
 
+def checked_mlflow_url(args: argparse.Namespace) -> str | None:
+    """--mlflow-url, checked before any work: pages link to runs under it."""
+    from dashboards.pages import check_link_base
+    try:
+        return None if args.mlflow_url is None else check_link_base(args.mlflow_url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> Any:
     import ipaddress
     import os
+    checked_mlflow_url(args)
     import uvicorn
     from .api import create_app
     from .service import GridService
@@ -339,10 +349,11 @@ def cmd_plan(args: argparse.Namespace) -> Any:
 
 def cmd_report(args: argparse.Namespace) -> Any:
     from .reporting import grid_report
+    mlflow_url = checked_mlflow_url(args)
     store = _store()
     row = _find_grid(store, args.grid)
     target = Path(args.output or f"{row.id}.html")
-    target.write_text(grid_report(store, row.id, args.mlflow_url))
+    target.write_text(grid_report(store, row.id, mlflow_url))
     return {"grid": row.id, "written": str(target)}
 
 
