@@ -21,7 +21,8 @@ MLFLOW = "http://mlflow.example:5000/'\"><script>alert(3)</script>"
 # What a report may hold: its own elements and matplotlib's SVG (`text` elements, no scripts, no handlers).
 PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "main", "nav", "a", "header", "h1", "span", "p", "time",
              "table", "thead", "tbody", "tr", "th", "td", "caption", "div", "details", "summary", "dl", "dt", "dd",
-             "section", "h2", "figure", "figcaption", "svg", "defs", "g", "path", "use", "text", "tspan", "clippath", "rect"}
+             "section", "h2", "figure", "figcaption", "svg", "defs", "g", "path", "use", "text", "tspan", "clippath",
+             "rect"}
 ATTRIBUTES = {"lang", "charset", "name", "content", "http-equiv", "href", "id", "class", "datetime", "style", "title",
               "data-dataset", "data-depth", "data-variant", "data-key", "target", "rel", "xmlns", "xmlns:xlink",
               "width", "height", "viewbox", "version", "type", "d", "clip-path", "x", "y", "xlink:href", "transform"}
