@@ -284,7 +284,7 @@ def cmd_status(args: argparse.Namespace) -> Any:
         return http(args, "GET", f"/grids/{_quote(args.grid)}") if args.grid else {"grids": http(args, "GET", "/grids")}
     store = _store()
     if args.grid is None:
-        return {"grids": [{"id": g.id, "name": g.name, "cancelled": g.cancelled, **store.counts(g.id)}
+        return {"grids": [{"id": g.id, "name": g.name, "grid_cancelled": g.cancelled, **store.counts(g.id)}
                           for g in store.grids()]}
     from .results import grid_status
     return grid_status(store, _find_grid(store, args.grid).id)

@@ -80,4 +80,4 @@ def grid_status(store: BaseStateStore, grid_id: str) -> dict[str, Any]:
     row = store.grid(grid_id)
     if row is None:
         raise NotFound(f"no grid {grid_id!r}")
-    return {"grid": row.id, "name": row.name, "cancelled": row.cancelled, **store.counts(row.id)}
+    return {"grid": row.id, "name": row.name, "grid_cancelled": row.cancelled, **store.counts(row.id)}

@@ -50,7 +50,7 @@ def test_submit_yaml_and_json_then_read_back(client, service):
     assert doc["grid"] == grid_id and [r["n"] for r in doc["rows"]] == [0, 0]
     assert "api-grid" in client.get("/").text
     cancelled = client.delete(f"/grids/{grid_id}").json()
-    assert cancelled["cancelled"] and cancelled["cancelled_queued"] == 4
+    assert cancelled["grid_cancelled"] is True and cancelled["cancelled"] == cancelled["cancelled_queued"] == 4
 
 
 @pytest.mark.parametrize("body,code,needle", [
