@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -462,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A shell starts a script's background jobs with SIGINT ignored, and Python keeps it so: Ctrl-C or
+    # `kill -INT`, the way to stop a grid or a study and hand its trials back, would then do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         # Libraries print to standard output (MLflow announces every run it ends): while a command
         # runs, that goes to standard error, so with --json standard output holds one JSON document.

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +16,18 @@ GRID = {"name": "g", "dataset": "synthetic", "subset": 256, "recipe": "smoke", "
 @pytest.fixture
 def store(tmp_path):
     return StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The store's clock, moved by hand: staleness is tested without racing the real one."""
+    import orchestrator.state as state
+    now = [1_000_000.0]
+    monkeypatch.setattr(state, "time", SimpleNamespace(time=lambda: now[0]))
+
+    def advance(seconds: float) -> None:
+        now[0] += seconds
+    return advance
 
 
 def registered(store, grid=GRID):
@@ -65,25 +77,29 @@ def test_failures_retry_then_error_and_rerun_requeues(store):
     assert store.trial(key).status == "queued" and store.trial(key).attempts == 0
 
 
-def test_stale_owner_is_taken_over_and_loses_its_write(store):
+def test_stale_owner_is_taken_over_and_loses_its_write(store, clock):
     _, trials = registered(store)
     key = trials[0].key
     assert store.claim(key, "old")
+    clock(59)
     assert not store.claim(key, "new", stale_after=60)
-    time.sleep(0.05)
-    assert store.claim(key, "new", stale_after=0.01)
+    clock(2)
+    assert store.claim(key, "new", stale_after=60)
     assert not store.finish(key, "old", {"status": "finished", "test_error": 1.0})
     assert store.finish(key, "new", {"status": "finished", "test_error": 2.0})
     assert store.trial(key).test_error == 2.0
 
 
-def test_heartbeat_keeps_a_trial(store):
+def test_heartbeat_keeps_a_trial(store, clock):
     _, trials = registered(store)
     key = trials[0].key
     assert store.claim(key, "a")
-    time.sleep(0.05)
+    clock(50)
     store.heartbeat("a", [key])
-    assert not store.claim(key, "b", stale_after=0.04)
+    clock(50)
+    assert not store.claim(key, "b", stale_after=60)  # 100 s since the claim, 50 since the beat
+    clock(11)
+    assert store.claim(key, "b", stale_after=60)
 
 
 def test_release_and_cancel(store):
