@@ -10,9 +10,10 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestrator import scheduler
 from orchestrator.grids import load_grid
-from orchestrator.scheduler import GridRunner
-from orchestrator.state import StateStore
+from orchestrator.scheduler import GridInterrupted, GridRunner
+from orchestrator.state import STATES, StateStore
 from orchestrator.tracking import Tracker, default_tracking_uri
 from tests.helpers import ROOT, ablate, wait_for
 
@@ -121,6 +122,23 @@ def test_failing_trials_retry_then_error(ablate_home, local_ray, tmp_path):
     assert trial["attempts"] == 2 and "cifar-10-batches-py" in trial["error"]
 
 
+def never_answering_trial(task: dict) -> dict:
+    """A trial that ignores its time limit (a hung worker): only the scheduler's backstop ends it."""
+    import time
+    time.sleep(600)
+    return {}
+
+
+def test_a_task_that_never_answers_is_failed_by_the_backstop(ablate_home, local_ray, monkeypatch):
+    monkeypatch.setattr(scheduler, "QUEUE_SLACK_S", 1.0)  # backstop: timeout_s × attempts + 1 s
+    spec = load_grid({**SMOKE, "name": "hung", "seeds": 1, "variants": ["original"], "timeout_s": 1,
+                      "max_retries": 1})
+    out = GridRunner(trial_fn=never_answering_trial, progress=False).run(spec, sync_timeout_s=0)
+    assert out["counts"]["error"] == 1 and out["executed"] == 0
+    trial = StateStore().grid_trials(out["grid"])[0]
+    assert trial["attempts"] == 2 and trial["error"] == "no answer after 3 s"
+
+
 def start_grid(tmp_path, grid, sigint_ignored=False, **env_extra):
     """`ablate run` on a grid file in a subprocess; returns it, its environment, its store and grid id."""
     grid_file = tmp_path / "grid.json"
@@ -199,6 +217,21 @@ def test_ctrl_c_leaves_a_resumable_grid(tmp_path):
         assert store.trial(ckpt.parent.name).status == "queued"  # resumable from that checkpoint
     status = ablate("status", grid_id, "--json", env={"ABLATE_HOME": str(tmp_path / "home")})
     assert status.code == 0 and status.json["queued"] == counts["queued"]
+
+
+def test_ctrl_c_between_a_claim_and_its_submission_hands_the_trial_back(ablate_home, local_ray):
+    """The interrupt lands right after a claim committed, before its task exists: nothing stays running."""
+    class InterruptedAfterClaim(StateStore):
+        def claim(self, key, owner, **kw):
+            super().claim(key, owner, **kw)
+            raise KeyboardInterrupt
+
+    runner = GridRunner(store=InterruptedAfterClaim(), progress=False)
+    spec = load_grid({**SMOKE, "name": "claim-interrupted", "seeds": 1})
+    with pytest.raises(GridInterrupted):
+        runner.run(spec, sync_timeout_s=0)
+    assert StateStore().counts(spec.grid_id()) == {**dict.fromkeys(STATES, 0), "queued": 2}
+    assert all(t["attempts"] == 0 for t in StateStore().grid_trials(spec.grid_id()))
 
 
 def test_the_grid_driver_never_imports_torch(ablate_home, local_ray):
