@@ -58,6 +58,7 @@ import pyarrow as pa
 from scipy import stats
 
 from ablations.paper import FAIL_THRESHOLD, paper_value
+from ablations.spec import excerpt
 
 STATUSES = ("queued", "running", "finished", "diverged", "error", "cancelled")
 ENDED = ("finished", "diverged", "error")   # terminal states that should have produced a result
@@ -116,7 +117,7 @@ def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, base
     if frame.empty:
         return []
     if baseline not in set(frame["variant"]):
-        raise ValueError(f"baseline {baseline!r} has no runs; variants: {', '.join(sorted(set(frame['variant'])))}")
+        raise ValueError(f"baseline {excerpt(baseline)} has no runs; variants: {', '.join(sorted(set(frame['variant'])))}")
 
     status = frame["status"]
     value = frame[metric].to_numpy(dtype=float)
@@ -187,7 +188,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _frame(results: Any, metric: str) -> pd.DataFrame:
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
+        raise ValueError(f"unknown metric {excerpt(metric)}; choose one of: {', '.join(METRICS)}")
     if isinstance(results, pa.Table):
         frame = results.to_pandas()
     elif isinstance(results, pd.DataFrame):

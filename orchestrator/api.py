@@ -12,6 +12,7 @@ import time
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from .grids import GridError, GridSpec, expand_grid, parse_grid_text
@@ -67,8 +68,13 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise HTTPException(400, "the body is not UTF-8 text") from None
-        spec = parse_grid_text(text)
+        # Reading, expanding and recording a grid take up to seconds for a large one: on a worker thread,
+        # so that the event loop goes on answering every other request meanwhile.
+        return await run_in_threadpool(accept, text)
+
+    def accept(text: str) -> dict[str, Any]:
         from .tuning import load_tuned
+        spec = parse_grid_text(text)
         trials = len(expand_grid(spec, tuned=load_tuned(store.url)))
         return {"id": service.submit(spec), "trials": trials}
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ablations.spec import BLOCKS, DATASET_SHAPES, SHORTCUTS, UNITS, VARIANTS
+from ablations.spec import BLOCKS, DATASET_SHAPES, SHORTCUTS, UNITS, VARIANTS, excerpt
 
 
 class UsageError(ValueError):
@@ -151,7 +151,7 @@ def _store():
 def _find_grid(store, ref: str):
     row = store.find_grid(ref)
     if row is None:
-        raise UsageError(f"no grid {ref!r} in {store.url}; `ablate status` lists the grids")
+        raise UsageError(f"no grid {excerpt(ref)} in {store.url}; `ablate status` lists the grids")
     return row
 
 
@@ -243,7 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> Any:
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     except ValueError:
-        raise UsageError(f"--host must be an IP address or localhost, got {args.host!r}") from None
+        raise UsageError(f"--host must be an IP address or localhost, got {excerpt(args.host)}") from None
     if not loopback and token is None:
         raise UsageError(f"refusing to serve on {args.host} without ABLATE_TOKEN: anyone on the network could "
                          f"submit work; set ABLATE_TOKEN (clients send it as a bearer token)")
@@ -292,7 +292,7 @@ def cmd_grids(args: argparse.Namespace) -> Any:
 def cmd_compare(args: argparse.Namespace) -> Any:
     from dashboards.tables import FORMATS, render
     if args.format not in FORMATS:
-        raise UsageError(f"unknown format {args.format!r}; choose one of: {', '.join(FORMATS)}")
+        raise UsageError(f"unknown format {excerpt(args.format)}; choose one of: {', '.join(FORMATS)}")
     if args.server:
         import urllib.parse
         query = urllib.parse.urlencode({"metric": args.metric, **({"baseline": args.baseline} if args.baseline else {})})

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ablations.paper import GRIDS
-from ablations.spec import (DATASET_SHAPES, MODEL_FIELDS, VARIANTS, SpecError, load_yaml, make_spec,
+from ablations.spec import (DATASET_SHAPES, MODEL_FIELDS, VARIANTS, SpecError, excerpt, load_yaml, make_spec,
                             validate_mapping, variant_fields)
 
 NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
@@ -89,7 +89,7 @@ class GridSpec(BaseModel):
             raise ValueError("at least one dataset")
         for d in names:
             if d not in DATASET_SHAPES:
-                raise ValueError(f"unknown dataset {d!r}; choose one of: {', '.join(DATASET_SHAPES)}")
+                raise ValueError(f"unknown dataset {excerpt(d)}; choose one of: {', '.join(DATASET_SHAPES)}")
         if len(set(names)) != len(names):
             raise ValueError("datasets repeat")
         return value
@@ -110,14 +110,14 @@ class GridSpec(BaseModel):
         from ablations.paper import PAPER_RESULTS
         if value is not None and not any(key[:2] == tuple(value) for key in PAPER_RESULTS):
             settings = sorted({f"[{d}, {n}]" for d, n, _ in PAPER_RESULTS})
-            raise ValueError(f"the paper has no figures for {list(value)}; it has: {', '.join(settings)}")
+            raise ValueError(f"the paper has no figures for {excerpt(list(value))}; it has: {', '.join(settings)}")
         return value
 
     @field_validator("depths")
     @classmethod
     def _depths(cls, value):
         if len(set(value)) != len(value):
-            raise ValueError(f"depths repeat: {value}")
+            raise ValueError(f"depths repeat: {excerpt(value)}")
         return value
 
     @field_validator("seeds")
@@ -125,16 +125,16 @@ class GridSpec(BaseModel):
     def _seeds(cls, value):
         if isinstance(value, int):
             if value < 1:
-                raise ValueError(f"seeds must be a positive count or a list, got {value}")
+                raise ValueError(f"seeds must be a positive count or a list, got {excerpt(value)}")
             if value > 10_000:
-                raise ValueError(f"seeds count {value} is over 10000")
+                raise ValueError(f"seeds count {excerpt(value)} is over 10000")
         else:
             if not value:
                 raise ValueError("seeds list is empty")
             if any(s < 0 or s > 2**31 - 1 for s in value):
                 raise ValueError("each seed must lie in 0..2^31-1")
             if len(set(value)) != len(value):
-                raise ValueError(f"seeds repeat: {value}")
+                raise ValueError(f"seeds repeat: {excerpt(value)}")
         return value
 
     @model_validator(mode="after")
@@ -145,10 +145,10 @@ class GridSpec(BaseModel):
             raise ValueError(f"variant names repeat: {', '.join(dup)}")
         unknown = [n for n in self.variants if isinstance(n, str) and n not in VARIANTS]
         if unknown:
-            raise ValueError(f"unknown variant {unknown[0]!r}; catalogue: {', '.join(VARIANTS)} "
+            raise ValueError(f"unknown variant {excerpt(unknown[0])}; catalogue: {', '.join(VARIANTS)} "
                              f"(or write a mapping with name and model fields)")
         if self.baseline is not None and self.baseline not in names:
-            raise ValueError(f"baseline {self.baseline!r} is not one of the variants: {', '.join(names)}")
+            raise ValueError(f"baseline {excerpt(self.baseline)} is not one of the variants: {', '.join(names)}")
         return self
 
     def variant_names(self) -> list[str]:
@@ -229,8 +229,8 @@ def load_grid(source: str | os.PathLike | dict) -> GridSpec:
     path = Path(text)
     if "\n" not in text and not path.exists():
         if text.endswith((".yaml", ".yml", ".json")) or os.sep in text:
-            raise GridError(f"grid file {text} does not exist")
-        raise GridError(f"{text!r} is neither a grid file nor a bundled grid ({', '.join(GRIDS)})")
+            raise GridError(f"grid file {excerpt(text)} does not exist")
+        raise GridError(f"{excerpt(text)} is neither a grid file nor a bundled grid ({', '.join(GRIDS)})")
     if "\n" not in text:
         try:
             text = path.read_text()
@@ -270,7 +270,7 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
             for name, fields in variants.items():
                 unknown = set(fields) - set(MODEL_FIELDS)
                 if unknown:
-                    raise GridError(f"variants.{name}: unknown model field {sorted(unknown)[0]!r}")
+                    raise GridError(f"variants.{name}: unknown model field {excerpt(sorted(unknown)[0])}")
                 try:
                     model = make_spec(**{**shared, **fields, "depth": depth, "in_channels": channels,
                                          "num_classes": classes})

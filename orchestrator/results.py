@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ablations.spec import excerpt
+
 from .grids import GridSpec, parse_grid
 from .state import StateStore
 
@@ -21,7 +23,7 @@ class BadRequest(ValueError):
 def grid_spec(store: StateStore, grid_id: str) -> GridSpec:
     row = store.grid(grid_id)
     if row is None:
-        raise NotFound(f"no grid {grid_id!r}")
+        raise NotFound(f"no grid {excerpt(grid_id)}")
     return parse_grid(json.loads(row.spec))
 
 
@@ -32,10 +34,10 @@ def comparison(store: StateStore, grid_id: str, metric: str = "test_error",
     from dashboards.tables import document
     spec = grid_spec(store, grid_id)
     if metric not in METRICS:
-        raise BadRequest(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
+        raise BadRequest(f"unknown metric {excerpt(metric)}; choose one of: {', '.join(METRICS)}")
     base = baseline or spec.baseline_name
     if base not in spec.variant_names():
-        raise BadRequest(f"baseline {base!r} is not a variant of this grid: {', '.join(spec.variant_names())}")
+        raise BadRequest(f"baseline {excerpt(base)} is not a variant of this grid: {', '.join(spec.variant_names())}")
     try:
         rows = compare(store.results_table(grid_id), baseline=base, metric=metric,
                        variant_order=spec.variant_names(), paper_reference=spec.paper_setting)
@@ -47,5 +49,5 @@ def comparison(store: StateStore, grid_id: str, metric: str = "test_error",
 def grid_status(store: StateStore, grid_id: str) -> dict[str, Any]:
     row = store.grid(grid_id)
     if row is None:
-        raise NotFound(f"no grid {grid_id!r}")
+        raise NotFound(f"no grid {excerpt(grid_id)}")
     return {"grid": row.id, "name": row.name, "cancelled": row.cancelled, **store.counts(row.id)}
