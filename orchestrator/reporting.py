@@ -5,8 +5,11 @@ import functools
 import json
 import threading
 
+from ablations.spec import DATASET_SHAPES
+from workers.config import TrialConfig
+
 from .results import comparison, grid_spec, grid_status
-from .state import StateStore
+from .state import BaseStateStore
 
 # A probe is one forward/backward pass at initialisation on the server's CPU, measured at 1.4 s for
 # ResNet-56 and 2-12 s for ResNet-164/170 at the papers' width 16 here. So a report probes networks of at
@@ -24,9 +27,7 @@ _RENDER_LOCK = threading.Lock()
 def _probe(config_json: str) -> dict:
     """Propagation at initialisation for one trial configuration (cached: the report asks again and again)."""
     import torch
-    from ablations import build_model, probe_propagation
-    from ablations.spec import DATASET_SHAPES
-    from workers.config import TrialConfig
+    from ablations import build_model, probe_propagation  # torch
     config = TrialConfig.model_validate_json(config_json)
     channels, size, classes = DATASET_SHAPES[config.dataset]
     torch.manual_seed(0)
@@ -41,8 +42,8 @@ def _affordable(config: dict) -> bool:
     return model["depth"] <= PROBE_MAX_DEPTH and model["depth"] * model["width"] ** 2 <= PROBE_MAX_WORK
 
 
-def grid_report(store: StateStore, grid_id: str, mlflow_url: str | None = None) -> str:
-    from dashboards.report import render_report
+def grid_report(store: BaseStateStore, grid_id: str, mlflow_url: str | None = None) -> str:
+    from dashboards.report import render_report  # matplotlib
     spec = grid_spec(store, grid_id)
     trials = store.grid_trials(grid_id)
     rows = []

@@ -105,6 +105,20 @@ def test_openapi_documents_the_grid_body(client):
     assert "VariantSpec" in schema["components"]["schemas"]
 
 
+def test_comparison_design_and_plan_endpoints(client):
+    grid_id = client.post("/grids", content=GRID_YAML).json()["id"]
+    assert client.get(f"/grids/{grid_id}/comparison").json()["design"] == "paired"
+    assert client.get(f"/grids/{grid_id}/comparison", params={"design": "welch"}).json()["design"] == "welch"
+    assert client.get(f"/grids/{grid_id}/comparison", params={"design": "pooled"}).status_code == 422
+    plan = client.get(f"/grids/{grid_id}/plan", params={"delta": 0.5})
+    assert plan.status_code == 200 and plan.json()["rows"] == [] and plan.json()["power"] == 0.8
+    for params in ({}, {"delta": -1}, {"delta": 0.5, "power": 1.5}, {"delta": "nan"}):
+        assert client.get(f"/grids/{grid_id}/plan", params=params).status_code == 422
+    assert client.get("/grids/nope/plan", params={"delta": 0.5}).status_code == 404
+    r = client.get(f"/grids/{grid_id}/plan", params={"delta": 0.5, "baseline": "nope"})
+    assert r.status_code == 400 and "not a variant" in r.json()["detail"]
+
+
 def test_an_alias_bomb_is_refused_at_once_and_the_service_stays_up(client):
     """597 bytes standing for 10^9 seeds: before the bound, 10.7 s, 1.97 GB and a 522 MB answer."""
     for levels in (9, 30):
