@@ -92,7 +92,8 @@ def test_fused_seed_groups_run_as_one_task_with_per_seed_records_and_runs(ablate
         for f, a in zip(t["result"]["history"], alone[t["key"]]["history"], strict=True):
             assert (f["step"], f["lr"]) == (a["step"], a["lr"])
             assert f["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
-            assert abs(f["test_error"] - a["test_error"]) <= 1.0
+            assert ("test_error" in f) == ("test_error" in a)  # test metrics at evaluations only
+            assert abs(f.get("test_error", 0) - a.get("test_error", 0)) <= 1.0
 
 
 def test_a_child_run_left_unsaved_by_a_killed_driver_is_adopted_not_duplicated(ablate_home, local_ray,
