@@ -6,10 +6,27 @@ store, the scheduler, the statistics and the pages all read the same tuple inste
 """
 from __future__ import annotations
 
+import reprlib
 from pathlib import PurePosixPath
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 40, 40, 30
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = 5
+_SHORT.maxdict = 3
+
+
+def excerpt(value: Any, limit: int = 80) -> str:
+    """`value` as repr() shows it, cut to at most `limit` characters without building the whole repr:
+    every error message that echoes an input goes through here, and an input can be megabytes."""
+    try:
+        text = _SHORT.repr(value)
+    except ValueError:  # an int too long for str(): no excerpt of it exists
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
 
 # A trial's life: queued → running → finished, diverged or error (or queued again for a retry); a queued or
 # running trial of a cancelled grid → cancelled. Submitting the grid again queues its error and cancelled trials.
@@ -33,7 +50,7 @@ TEST_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "fashion-mnist": 10_000, "s
 def check_dataset(name: str) -> str:
     """`name` when it is a dataset Ablate reads, else ValueError listing them."""
     if name not in DATASET_SHAPES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_SHAPES)}")
+        raise ValueError(f"unknown dataset {excerpt(name)}; choose one of: {', '.join(DATASET_SHAPES)}")
     return name
 
 
@@ -42,12 +59,12 @@ def check_data_dir(path: str) -> str:
 
     POSIX rules on every client, since the workers that read the folder run Linux."""
     if "\x00" in path:
-        raise ValueError(f"data_dir holds a NUL byte, which no path can: {path!r}")
+        raise ValueError(f"data_dir holds a NUL byte, which no path can: {excerpt(path)}")
     if not PurePosixPath(path).is_absolute():
-        raise ValueError(f"data_dir must be an absolute path (every node resolves it alike), got {path!r}")
+        raise ValueError(f"data_dir must be an absolute path (every node resolves it alike), got {excerpt(path)}")
     if ".." in PurePosixPath(path).parts:
         raise ValueError(f"data_dir must be an absolute path without '..' (every node resolves it alike), "
-                         f"got {path!r}")
+                         f"got {excerpt(path)}")
     return path
 
 

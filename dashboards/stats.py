@@ -71,6 +71,7 @@ import pyarrow as pa
 from scipy import stats
 
 from ablations.paper import FAIL_THRESHOLD, paper_value
+from ablations.spec import excerpt
 from ablations.vocabulary import ENDED, MEASURED, METRICS, STATUSES, TEST_SIZES
 
 from . import DEFAULT_DESIGN, DESIGNS
@@ -128,12 +129,12 @@ def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, base
     `design`: `paired` (by seed) or `welch` (independent samples); see the module docstring.
     """
     if design not in DESIGNS:
-        raise ValueError(f"unknown design {design!r}; choose one of: {', '.join(DESIGNS)}")
+        raise ValueError(f"unknown design {excerpt(design)}; choose one of: {', '.join(DESIGNS)}")
     frame = _frame(results, metric)
     if frame.empty:
         return []
     if baseline not in set(frame["variant"]):
-        raise ValueError(f"baseline {baseline!r} has no runs; variants: {', '.join(sorted(set(frame['variant'])))}")
+        raise ValueError(f"baseline {excerpt(baseline)} has no runs; variants: {', '.join(sorted(set(frame['variant'])))}")
 
     usable, failed = _usable(frame, metric, fail_threshold)
     counts = frame[KEYS].assign(failed=failed).groupby(KEYS, sort=False, observed=True)["failed"].sum()
@@ -224,7 +225,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _frame(results: Any, metric: str) -> pd.DataFrame:
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
+        raise ValueError(f"unknown metric {excerpt(metric)}; choose one of: {', '.join(METRICS)}")
     if isinstance(results, pa.Table):
         frame = results.to_pandas()
     elif isinstance(results, pd.DataFrame):

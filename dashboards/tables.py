@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ablations.spec import excerpt
+
 from . import DEFAULT_DESIGN
 from .stats import summary
 
@@ -61,7 +63,7 @@ def document(grid: str, metric: str, rows: list[dict[str, Any]], alpha: float = 
 def render(doc: dict[str, Any], fmt: str) -> str | bytes:
     """The document in one of FORMATS; `parquet` gives bytes, every other format text."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+        raise ValueError(f"unknown format {excerpt(fmt)}; choose one of: {', '.join(FORMATS)}")
     return _RENDERERS[fmt](_complete(doc))
 
 

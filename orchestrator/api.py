@@ -10,6 +10,7 @@ import secrets
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from ablations.vocabulary import METRICS
@@ -69,6 +70,11 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise HTTPException(400, "the body is not UTF-8 text") from None
+        # Reading, expanding and recording a grid take up to seconds for a large one: on a worker thread,
+        # so that the event loop goes on answering every other request meanwhile.
+        return await run_in_threadpool(accept, text)
+
+    def accept(text: str) -> dict[str, Any]:
         spec = parse_grid_text(text)
         trials = len(expand_grid(spec, tuned=store.tuned_recipes()))
         return {"id": service.submit(spec), "trials": trials}

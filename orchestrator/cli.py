@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ablations.spec import BLOCKS, SHORTCUTS, UNITS, VARIANTS
+from ablations.spec import BLOCKS, SHORTCUTS, UNITS, VARIANTS, excerpt
 from ablations.vocabulary import DATASET_SHAPES, MEASURED, METRICS
 from dashboards import DEFAULT_DESIGN, DESIGNS
 
@@ -161,7 +162,7 @@ def _store():
 def _find_grid(store, ref: str):
     row = store.find_grid(ref)
     if row is None:
-        raise UsageError(f"no grid {ref!r} in {store.url}; `ablate status` lists the grids")
+        raise UsageError(f"no grid {excerpt(ref)} in {store.url}; `ablate status` lists the grids")
     return row
 
 
@@ -263,7 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> Any:
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     except ValueError:
-        raise UsageError(f"--host must be an IP address or localhost, got {args.host!r}") from None
+        raise UsageError(f"--host must be an IP address or localhost, got {excerpt(args.host)}") from None
     if not loopback and token is None:
         raise UsageError(f"refusing to serve on {args.host} without ABLATE_TOKEN: anyone on the network could "
                          f"submit work; set ABLATE_TOKEN (clients send it as a bearer token)")
@@ -314,7 +315,7 @@ def cmd_compare(args: argparse.Namespace) -> Any:
     result). `--json` without `-o` prints the document whatever the format, as every command's `--json`."""
     from dashboards.tables import FORMATS, render, write
     if args.format not in FORMATS:
-        raise UsageError(f"unknown format {args.format!r}; choose one of: {', '.join(FORMATS)}")
+        raise UsageError(f"unknown format {excerpt(args.format)}; choose one of: {', '.join(FORMATS)}")
     if args.format == "parquet" and not args.output and (args.json or sys.stdout.isatty()):
         raise UsageError("--format parquet needs -o FILE (or standard output redirected, without --json)")
     if args.server:
@@ -541,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A shell starts a script's background jobs with SIGINT ignored, and Python keeps it so: Ctrl-C or
+    # `kill -INT`, the way to stop a grid or a study and hand its trials back, would then do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         # Libraries print to standard output (MLflow announces every run it ends): while a command
         # runs, that goes to standard error, so with --json standard output holds one JSON document.

@@ -15,8 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ablations.paper import GRIDS
-from ablations.spec import (MODEL_FIELDS, CatalogueVariant, SpecError, load_yaml, make_spec, validate_mapping,
-                            variant_fields)
+from ablations.spec import (MODEL_FIELDS, CatalogueVariant, SpecError, excerpt, load_yaml, make_spec,
+                            validate_mapping, variant_fields)
 from ablations.vocabulary import DATASET_SHAPES, DataDir, DatasetName
 
 NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
@@ -101,14 +101,14 @@ class GridSpec(BaseModel):
         from ablations.paper import PAPER_RESULTS
         if value is not None and not any(key[:2] == tuple(value) for key in PAPER_RESULTS):
             settings = sorted({f"[{d}, {n}]" for d, n, _ in PAPER_RESULTS})
-            raise ValueError(f"the paper has no figures for {list(value)}; it has: {', '.join(settings)}")
+            raise ValueError(f"the paper has no figures for {excerpt(list(value))}; it has: {', '.join(settings)}")
         return value
 
     @field_validator("depths")
     @classmethod
     def _depths(cls, value):
         if len(set(value)) != len(value):
-            raise ValueError(f"depths repeat: {value}")
+            raise ValueError(f"depths repeat: {excerpt(value)}")
         return value
 
     @field_validator("seeds")
@@ -116,16 +116,16 @@ class GridSpec(BaseModel):
     def _seeds(cls, value):
         if isinstance(value, int):
             if value < 1:
-                raise ValueError(f"seeds must be a positive count or a list, got {value}")
+                raise ValueError(f"seeds must be a positive count or a list, got {excerpt(value)}")
             if value > 10_000:
-                raise ValueError(f"seeds count {value} is over 10000")
+                raise ValueError(f"seeds count {excerpt(value)} is over 10000")
         else:
             if not value:
                 raise ValueError("seeds list is empty")
             if any(s < 0 or s > 2**31 - 1 for s in value):
                 raise ValueError("each seed must lie in 0..2^31-1")
             if len(set(value)) != len(value):
-                raise ValueError(f"seeds repeat: {value}")
+                raise ValueError(f"seeds repeat: {excerpt(value)}")
         return value
 
     @model_validator(mode="after")
@@ -135,7 +135,7 @@ class GridSpec(BaseModel):
         if dup:
             raise ValueError(f"variant names repeat: {', '.join(dup)}")
         if self.baseline is not None and self.baseline not in names:
-            raise ValueError(f"baseline {self.baseline!r} is not one of the variants: {', '.join(names)}")
+            raise ValueError(f"baseline {excerpt(self.baseline)} is not one of the variants: {', '.join(names)}")
         return self
 
     def variant_names(self) -> list[str]:
@@ -216,8 +216,8 @@ def load_grid(source: str | os.PathLike | dict) -> GridSpec:
     path = Path(text)
     if "\n" not in text and not path.exists():
         if text.endswith((".yaml", ".yml", ".json")) or os.sep in text:
-            raise GridError(f"grid file {text} does not exist")
-        raise GridError(f"{text!r} is neither a grid file nor a bundled grid ({', '.join(GRIDS)})")
+            raise GridError(f"grid file {excerpt(text)} does not exist")
+        raise GridError(f"{excerpt(text)} is neither a grid file nor a bundled grid ({', '.join(GRIDS)})")
     if "\n" not in text:
         try:
             text = path.read_text()
@@ -258,7 +258,7 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
             for name, fields in variants.items():
                 unknown = set(fields) - set(MODEL_FIELDS)
                 if unknown:
-                    raise GridError(f"variants.{name}: unknown model field {sorted(unknown)[0]!r}")
+                    raise GridError(f"variants.{name}: unknown model field {excerpt(sorted(unknown)[0])}")
                 try:
                     model = make_spec(**{**shared, **fields, "depth": depth, "in_channels": channels,
                                          "num_classes": classes})

@@ -11,6 +11,7 @@ trial whose driver died is taken over once its heartbeat is stale and resumes fr
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -24,11 +25,12 @@ from ablations.vocabulary import ACTIVE, ENDED, MEASURED
 from workers.sinks import NullSink
 
 from .cluster import ensure_ray
-from .grids import GridSpec, GridTrial, expand_grid
+from .grids import GridError, GridSpec, GridTrial, expand_grid
 from .state import STALE_AFTER_S, StateStore, ablate_home
 from .tracking import MlflowSink, Tracker
 
 HEARTBEAT_EVERY_S = STALE_AFTER_S / 4
+CANCEL_CHECK_S = 1.0  # how often the loop asks the store whether the grid was cancelled
 QUEUE_SLACK_S = 600.0
 POLL_S = 0.2
 RUN_WAIT_S = 2.0  # how long a submission waits for its MLflow child run before going without live metrics
@@ -104,7 +106,6 @@ class GridRunner:
         parent = self._parent_run(spec, grid_id)
         if parent is None:
             return None
-        import json
         try:
             # A driver killed between creating a run and saving its id left it behind: adopt it.
             run_id = self._orphans.pop(trial["key"], None) or self.tracker.start_trial(
@@ -160,16 +161,50 @@ class GridRunner:
 
     def run(self, spec: GridSpec, sync_timeout_s: float = 60.0, extra: list[GridTrial] = ()) -> dict[str, Any]:
         """Run the grid, plus `extra` trials added to it (more seeds for some cells), to completion."""
-        import ray
-
         grid_id = self.submit(spec, extra)
         rows = {t["key"]: t for t in self.store.grid_trials(grid_id)}
-        before = {k: t["status"] for k, t in rows.items()}
-        reused = sum(1 for s in before.values() if s in MEASURED)
+        reused = sum(1 for t in rows.values() if t["status"] in MEASURED)
+        self._open_mlflow(spec, grid_id, rows)
+        ensure_ray()
+        grid = _GridPass(self, spec, grid_id, rows)
+        beat, cancel_check = _Every(HEARTBEAT_EVERY_S), _Every(CANCEL_CHECK_S)
+        display = _Progress(len(rows), reused, enabled=self.progress, counts=lambda: self.store.counts(grid_id))
+        interrupted = False
+        try:
+            while grid.busy():
+                grid.submit_more()
+                for ref in grid.ended():
+                    grid.record(ref)
+                now = time.time()
+                grid.expire_overdue(now)
+                if beat.due(now):
+                    grid.heartbeat()
+                if cancel_check.due(now):
+                    grid.stop_if_cancelled()
+                display.tick(now)
+        except KeyboardInterrupt:
+            interrupted = True
+            grid.hand_back("queued")
+        finally:
+            display.close()
+
+        counts = self.store.counts(grid_id)
+        unsynced, parent = self._close_mlflow(spec, grid_id, counts, 0 if interrupted else sync_timeout_s,
+                                              end=not interrupted)
+        if interrupted:
+            raise GridInterrupted(grid_id)
+        return {"grid": grid_id, "name": spec.name, "trials": len(rows), "executed": grid.executed,
+                "reused": reused, "cancelled": grid.cancelled, "counts": counts, "mlflow_unsynced": unsynced,
+                "tracking_uri": self.tracker.uri, "mlflow_run_id": parent}
+
+    def _open_mlflow(self, spec: GridSpec, grid_id: str, rows: dict[str, dict[str, Any]]) -> None:
+        """Start of a run: the parent run made as the MLflow thread's first job, or, when it exists, child
+        runs a killed driver created but never saved found for adoption."""
         parent = self.store.grid(grid_id).mlflow_run_id
         self._orphans = {}
+        self._prepared.clear()
         if parent is None:
-            self._syncer.submit(self._parent_run, spec, grid_id)  # on the MLflow thread, as the first job
+            self._syncer.submit(self._parent_run, spec, grid_id)
         elif any(not t["mlflow_run_id"] for t in rows.values()):
             try:
                 known = {t["mlflow_run_id"] for t in rows.values()}
@@ -177,144 +212,188 @@ class GridRunner:
             except Exception:
                 pass  # MLflow unreachable: nothing to adopt now
 
-        ensure_ray()
-        cpu, gpu = spec.resources.cpu, spec.resources.gpu
-        options = dict(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_retries, retry_exceptions=False)
-        remote = ray.remote(self.trial_fn).options(**options)
-        remote_group = ray.remote(self.group_fn).options(**options) if spec.fuse_seeds > 1 else None
-        total = ray.cluster_resources()
-        slots = max(1, int(min(total.get("CPU", 1) / cpu, total.get("GPU", 0) / gpu if gpu else float("inf"))))
-
-        todo = [k for k, s in before.items() if s not in MEASURED]
-        inflight: dict[Any, tuple[list[str], float]] = {}  # one Ray task: its trials (a fused group), when
-        executed = interrupted = cancelled = 0
-        last_beat = last_cancel_check = time.time()
-        waiting_on_others: set[str] = set()
-        display = _Progress(len(before), reused, enabled=self.progress)
-        self._prepared.clear()
-        try:
-            while todo or inflight or waiting_on_others:
-                depth = max(1, 2 * slots // max(1, self.share()))
-                # MLflow child runs are made on the MLflow thread a few trials ahead: the loop only submits.
-                for key in todo[:2 * depth]:
-                    self._prepare_run(spec, grid_id, key)
-                while todo and len(inflight) < depth:
-                    group = _next_group(todo, rows, spec.fuse_seeds)
-                    claimed = [key for key in group if self.store.claim(key, self.owner)]
-                    waiting_on_others.update(set(group) - set(claimed))  # someone else runs them (or ended)
-                    if not claimed:
-                        continue
-                    tasks = []
-                    for key in claimed:
-                        try:
-                            run_id = self._prepare_run(spec, grid_id, key).result(timeout=RUN_WAIT_S)
-                        except Exception:
-                            run_id = None  # MLflow slow or down: the sync logs this trial's metrics at its end
-                        tasks.append({"config": rows[key]["config"], "checkpoint_dir": str(checkpoint_root() / key),
-                                      "threads": max(1, int(cpu)), "device": "cuda" if gpu > 0 else "cpu",
-                                      "data_dir": spec.data_dir or self.data_dir, "tracking_uri": self.tracker.uri,
-                                      "timeout_s": spec.timeout_s, "run_id": run_id})
-                    ref = remote.remote(tasks[0]) if len(tasks) == 1 else remote_group.remote(tasks)
-                    inflight[ref] = (claimed, time.time())
-                if inflight:
-                    # Wake on the first trial to end, then take every other one ready by then.
-                    refs = list(inflight)
-                    ready, _ = ray.wait(refs, num_returns=1, timeout=POLL_S)
-                    if ready and len(refs) > 1:
-                        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-                else:
-                    ready = []
-                    time.sleep(POLL_S)
-                for ref in ready:
-                    keys, _ = inflight.pop(ref)
-                    executed += self._record(spec, grid_id, keys, ref, todo)
-                now = time.time()
-                if spec.timeout_s:
-                    # Each attempt enforces its own limit; this backstop only catches a task that never
-                    # reports back (queueing and Ray's retries after node loss are allowed for).
-                    backstop = spec.timeout_s * (spec.max_retries + 1) + QUEUE_SLACK_S
-                    for ref, (keys, submitted) in list(inflight.items()):
-                        if now - submitted > backstop:
-                            ray.cancel(ref, force=True)
-                            inflight.pop(ref)
-                            for key in keys:
-                                if self.store.fail(key, self.owner, f"no answer after {backstop:g} s",
-                                                   spec.max_retries) == "queued":
-                                    todo.append(key)
-                if now - last_beat > HEARTBEAT_EVERY_S:
-                    self.store.heartbeat(self.owner, _keys(inflight))
-                    last_beat = now
-                    # Trials another owner held: try again once they are queued or their owner went silent.
-                    for key in list(waiting_on_others):
-                        waiting_on_others.discard(key)
-                        if self.store.trial(key).status in ACTIVE:
-                            todo.append(key)
-                if now - last_cancel_check > 1.0:
-                    last_cancel_check = now
-                    if self.store.is_cancelled(grid_id):
-                        for ref in inflight:
-                            ray.cancel(ref, force=True)
-                        cancelled = len(_keys(inflight))
-                        self.store.release(self.owner, _keys(inflight), status="cancelled")
-                        inflight.clear()
-                        todo.clear()
-                        waiting_on_others.clear()
-                if display.due(now):
-                    display.update(self.store.counts(grid_id))
-        except KeyboardInterrupt:
-            interrupted = 1
-            for ref in inflight:
-                ray.cancel(ref, force=True)
-            self.store.release(self.owner, _keys(inflight), status="queued")
-        finally:
-            if display.enabled:
-                display.update(self.store.counts(grid_id))
-            display.close()
-
+    def _close_mlflow(self, spec: GridSpec, grid_id: str, counts: dict[str, int], sync_timeout_s: float,
+                      end: bool) -> tuple[int, str | None]:
+        """End of a run: ended trials synced, trying again for up to `sync_timeout_s`, then, when `end` and
+        every run is synced, the parent run ended. Returns how many runs stay unsynced, and the parent run."""
         self._syncer.submit(lambda: None).result()  # drain the per-trial syncs queued so far
-        deadline = time.time() + (0 if interrupted else sync_timeout_s)
+        deadline = time.time() + sync_timeout_s
         unsynced = self.sync_mlflow(spec, grid_id)
         while unsynced and time.time() < deadline:
             time.sleep(2.0)
             unsynced = self.sync_mlflow(spec, grid_id)
-        counts = self.store.counts(grid_id)
         parent = self.store.grid(grid_id).mlflow_run_id
-        if parent and not interrupted and not unsynced:
+        if parent and end and not unsynced:
             try:
                 self.tracker.end_grid(parent, counts)
             except Exception:
                 unsynced += 1
-        if interrupted:
-            raise GridInterrupted(grid_id)
-        return {"grid": grid_id, "name": spec.name, "trials": len(before), "executed": executed, "reused": reused,
-                "cancelled": cancelled, "counts": counts, "mlflow_unsynced": unsynced,
-                "tracking_uri": self.tracker.uri, "mlflow_run_id": parent}
+        return unsynced, parent
 
-    def _record(self, spec: GridSpec, grid_id: str, keys: list[str], ref, todo: list[str]) -> int:
-        """Store what one Ray task (a trial, or a fused group of trials) returned; returns how many finished."""
+
+class _GridPass:
+    """One run of a grid by a GridRunner: the trials left to do, the Ray tasks in flight, and the steps
+    of the scheduling loop that move trials between them (claim and submit, record, time out, heartbeat,
+    cancel, hand back)."""
+
+    def __init__(self, runner: GridRunner, spec: GridSpec, grid_id: str, rows: dict[str, dict[str, Any]]):
+        import ray
+        self.runner, self.store, self.owner = runner, runner.store, runner.owner
+        self.spec, self.grid_id, self.rows = spec, grid_id, rows
+        self.todo = [k for k, t in rows.items() if t["status"] not in MEASURED]
+        self.inflight: dict[Any, tuple[list[str], float]] = {}  # one Ray task: its trials (a fused group), when
+        # Trials this runner claimed (or is claiming) and has not recorded: what an interrupt hands back.
+        self.held: set[str] = set()
+        self.waiting_on_others: set[str] = set()  # trials another owner held when this runner came to them
+        self.executed = self.cancelled = 0
+
+        cpu, gpu = spec.resources.cpu, spec.resources.gpu
+        options = dict(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_retries, retry_exceptions=False)
+        self.remote = ray.remote(runner.trial_fn).options(**options)
+        self.remote_group = ray.remote(runner.group_fn).options(**options) if spec.fuse_seeds > 1 else None
+        total = ray.cluster_resources()
+        self.slots = max(1, int(min(total.get("CPU", 1) / cpu, total.get("GPU", 0) / gpu if gpu else float("inf"))))
+        self.task_fields = {"threads": max(1, int(cpu)), "device": "cuda" if gpu > 0 else "cpu",
+                            "data_dir": spec.data_dir or runner.data_dir, "tracking_uri": runner.tracker.uri,
+                            "timeout_s": spec.timeout_s}
+        # Each attempt enforces its own time limit; this backstop only catches a task that never reports
+        # back (queueing and Ray's retries after node loss are allowed for).
+        self.backstop_s = spec.timeout_s * (spec.max_retries + 1) + QUEUE_SLACK_S if spec.timeout_s else None
+
+    def busy(self) -> bool:
+        return bool(self.todo or self.inflight or self.waiting_on_others)
+
+    def submit_more(self) -> None:
+        """Claim and submit trials until about two tasks per slot of this grid's share are in flight."""
+        depth = max(1, 2 * self.slots // max(1, self.runner.share()))
+        # MLflow child runs are made on the MLflow thread a few trials ahead: the loop only submits.
+        for key in self.todo[:2 * depth]:
+            self.runner._prepare_run(self.spec, self.grid_id, key)
+        while self.todo and len(self.inflight) < depth:
+            claimed = self._claim(_next_group(self.todo, self.rows, self.spec.fuse_seeds))
+            if claimed:
+                tasks = [self._task(key) for key in claimed]
+                ref = self.remote.remote(tasks[0]) if len(tasks) == 1 else self.remote_group.remote(tasks)
+                self.inflight[ref] = (claimed, time.time())
+
+    def _claim(self, group: list[str]) -> list[str]:
+        """The trials of `group` this runner now holds; someone else runs the others (or they ended)."""
+        claimed = []
+        for key in group:
+            self.held.add(key)  # before the claim commits: an interrupt right after it still hands it back
+            if self.store.claim(key, self.owner):
+                claimed.append(key)
+            else:
+                self.held.discard(key)
+                self.waiting_on_others.add(key)
+        return claimed
+
+    def _task(self, key: str) -> dict[str, Any]:
+        """What a Ray task needs to train one trial, its MLflow child run included when ready in time."""
+        try:
+            run_id = self.runner._prepare_run(self.spec, self.grid_id, key).result(timeout=RUN_WAIT_S)
+        except Exception:
+            run_id = None  # MLflow slow or down: the sync logs this trial's metrics at its end
+        return {"config": self.rows[key]["config"], "checkpoint_dir": str(checkpoint_root() / key),
+                **self.task_fields, "run_id": run_id}
+
+    def ended(self) -> list[Any]:
+        """Tasks that ended: wake on the first to end (or after POLL_S), then take every other one ready by then."""
+        import ray
+        if not self.inflight:
+            time.sleep(POLL_S)
+            return []
+        refs = list(self.inflight)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=POLL_S)
+        if ready and len(refs) > 1:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return ready
+
+    def record(self, ref: Any) -> None:
+        """Store what one ended task (a trial, or a fused group of trials) returned, then sync it to MLflow."""
         import ray
         from ray.exceptions import RayTaskError, TaskCancelledError
+        keys = self.inflight[ref][0]
         try:
             answer = ray.get(ref)
         except TaskCancelledError:
-            return 0
+            answer = None
         except Exception as exc:
             # The trial raised (RayTaskError): retry it, resuming its checkpoint, up to max_retries times.
             # Anything else means Ray already spent its own max_retries on lost workers or nodes: final.
-            retries = spec.max_retries if isinstance(exc, RayTaskError) else 0
-            for key in keys:
-                if self.store.fail(key, self.owner, _first_line(exc, 2000), retries) == "queued":
-                    todo.append(key)
-                else:
-                    self._syncer.submit(self.sync_mlflow, spec, grid_id, {key})
-            return 0
-        recorded, live = 0, {}
-        for key, result in zip(keys, answer if isinstance(answer, list) else [answer]):
-            if run := result.pop(LIVE_KEY, None):
-                live[key] = run
-            recorded += int(self.store.finish(key, self.owner, result))
-        self._syncer.submit(self.sync_mlflow, spec, grid_id, set(keys), live)
-        return recorded
+            self._failed(keys, _first_line(exc, 2000), self.spec.max_retries if isinstance(exc, RayTaskError) else 0)
+            answer = None
+        if answer is not None:
+            live = {}
+            for key, result in zip(keys, answer if isinstance(answer, list) else [answer]):
+                if run := result.pop(LIVE_KEY, None):
+                    live[key] = run
+                self.executed += int(self.store.finish(key, self.owner, result))
+            self.runner._syncer.submit(self.runner.sync_mlflow, self.spec, self.grid_id, set(keys), live)
+        self._forget(ref)
+
+    def _failed(self, keys: list[str], error: str, retries: int) -> None:
+        """A failed attempt: queued again while retries remain (back on `todo`), else an error to sync."""
+        for key in keys:
+            if self.store.fail(key, self.owner, error, retries) == "queued":
+                self.todo.append(key)
+            else:
+                self.runner._syncer.submit(self.runner.sync_mlflow, self.spec, self.grid_id, {key})
+
+    def _forget(self, ref: Any) -> None:
+        """The task is done with: its trials are this runner's no more (only after they were recorded, so an
+        interrupt while recording still hands them back)."""
+        keys, _ = self.inflight.pop(ref)
+        self.held.difference_update(keys)
+
+    def expire_overdue(self, now: float) -> None:
+        """Fail the tasks that outlived the backstop (each trial's own time limit, retries and queueing)."""
+        if self.backstop_s is None:
+            return
+        import ray
+        for ref, (keys, submitted) in list(self.inflight.items()):
+            if now - submitted > self.backstop_s:
+                ray.cancel(ref, force=True)
+                self._failed(keys, f"no answer after {self.backstop_s:g} s", self.spec.max_retries)
+                self._forget(ref)
+
+    def heartbeat(self) -> None:
+        """Keep this runner's trials; trials another owner held go back on `todo` unless they ended (their
+        owner queued them again, or went silent and the claim takes them over)."""
+        self.store.heartbeat(self.owner, self.held)
+        for key in list(self.waiting_on_others):
+            self.waiting_on_others.discard(key)
+            if self.store.trial(key).status in ACTIVE:
+                self.todo.append(key)
+
+    def stop_if_cancelled(self) -> None:
+        if self.store.is_cancelled(self.grid_id):
+            self.cancelled = len(self.held)
+            self.hand_back("cancelled")
+            self.todo.clear()
+            self.waiting_on_others.clear()
+
+    def hand_back(self, status: str) -> None:
+        """Stop every task in flight and hand every trial this runner holds back to the store as `status`."""
+        import ray
+        for ref in self.inflight:
+            ray.cancel(ref, force=True)
+        self.store.release(self.owner, self.held, status=status)
+        self.inflight.clear()
+        self.held.clear()
+
+
+class _Every:
+    """Due at most once per `period` seconds, the first time a period after its creation."""
+
+    def __init__(self, period: float):
+        self.period, self.last = period, time.time()
+
+    def due(self, now: float) -> bool:
+        if now - self.last <= self.period:
+            return False
+        self.last = now
+        return True
 
 
 class GridInterrupted(Exception):
@@ -326,13 +405,8 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return (text[-1] if text else type(exc).__name__)[:limit]
 
 
-def _keys(inflight: dict[Any, tuple[list[str], float]]) -> list[str]:
-    return [key for keys, _ in inflight.values() for key in keys]
-
-
 def _next_group(todo: list[str], rows: dict[str, dict[str, Any]], size: int) -> list[str]:
     """Take the next trial from `todo` and, up to `size` in all, later ones that differ from it only in seed."""
-    import json
     first = todo.pop(0)
     if size <= 1:
         return [first]
@@ -357,16 +431,15 @@ def _reject_duplicates(trials: list[GridTrial]) -> None:
     for t in trials:
         other = seen.setdefault(t.key, t)
         if other is not t:
-            from .grids import GridError
             raise GridError(f"variants {other.variant!r} and {t.variant!r} are the same network "
                             f"(identical configuration at depth {t.depth}): drop one")
 
 
 class _Progress:
-    """done/running/queued and an ETA on standard error (rich); silent when disabled."""
+    """done/running/queued and an ETA on standard error (rich); silent, and never reading counts, when disabled."""
 
-    def __init__(self, total: int, done: int, enabled: bool):
-        self.enabled, self.total, self.start_done, self.started = enabled, total, done, time.time()
+    def __init__(self, total: int, done: int, enabled: bool, counts: Callable[[], dict[str, int]]):
+        self.enabled, self.total, self.counts = enabled, total, counts
         self.drawn = 0.0
         if enabled:
             from rich.console import Console
@@ -377,20 +450,20 @@ class _Progress:
             self.task = self.bar.add_task("", total=total, completed=done)
             self.bar.start()
 
-    def due(self, now: float) -> bool:
-        """Redraw at most 4 times a second, and never read counts for a hidden bar."""
-        if not self.enabled or now - self.drawn < 0.25:
-            return False
-        self.drawn = now
-        return True
+    def tick(self, now: float) -> None:
+        """Redraw, at most 4 times a second."""
+        if self.enabled and now - self.drawn >= 0.25:
+            self.drawn = now
+            self._draw()
 
-    def update(self, counts: dict[str, int]) -> None:
-        if self.enabled:
-            done = counts["finished"] + counts["diverged"]
-            text = (f"{done}/{self.total} done · {counts['running']} running · {counts['queued']} queued"
-                    + (f" · {counts['error']} error" if counts["error"] else ""))
-            self.bar.update(self.task, completed=done + counts["error"] + counts["cancelled"], description=text)
+    def _draw(self) -> None:
+        counts = self.counts()
+        done = counts["finished"] + counts["diverged"]
+        text = (f"{done}/{self.total} done · {counts['running']} running · {counts['queued']} queued"
+                + (f" · {counts['error']} error" if counts["error"] else ""))
+        self.bar.update(self.task, completed=done + counts["error"] + counts["cancelled"], description=text)
 
     def close(self) -> None:
         if self.enabled:
+            self._draw()
             self.bar.stop()

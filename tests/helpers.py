@@ -38,3 +38,11 @@ def wait_for(predicate, timeout: float = 120.0, every: float = 0.2) -> bool:
             return True
         time.sleep(every)
     return False
+
+
+def alias_bomb(levels: int = 9, fanout: int = 10) -> str:
+    """A grid in a few hundred bytes of YAML whose `seeds` stand for `fanout ** levels` values through
+    aliases (nine levels of ten: 10^9 values in about 600 bytes)."""
+    chain = ["&a0 [0]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * fanout)}]" for i in range(1, levels + 1)]
+    return ("name: bomb\ndataset: synthetic\ndepths: [8]\nblock: basic\nvariants: [original]\n"
+            f"seeds: [{', '.join(chain)}]\n")

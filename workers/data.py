@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ablations.spec import excerpt
 from ablations.vocabulary import DATASET_SHAPES
 
 DEBIAN_FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -71,9 +72,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, subset: i
     """The named dataset; `subset` keeps the first N training examples, then `validation` moves a
     fraction of them, chosen by a permutation drawn from `split_seed`, into `val`."""
     if name not in DATASET_SHAPES:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_SHAPES)}")
+        raise DataError(f"unknown dataset {excerpt(name)}; choose one of: {', '.join(DATASET_SHAPES)}")
     if not 0.0 <= validation < 1.0:
-        raise DataError(f"validation must be a fraction in [0, 1), got {validation}")
+        raise DataError(f"validation must be a fraction in [0, 1), got {excerpt(validation)}")
     if name == "synthetic":
         folder = None
     else:
@@ -84,7 +85,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, subset: i
     n = len(train_x)
     if subset is not None:
         if isinstance(subset, bool) or not isinstance(subset, (int, np.integer)) or not 1 <= subset <= n:
-            raise DataError(f"subset must be an integer from 1 to {n} (the {name} training set), got {subset!r}")
+            raise DataError(f"subset must be an integer from 1 to {n} (the {name} training set), got {excerpt(subset)}")
         n = int(subset)
     n_val = round(validation * n)
     if validation > 0 and not 0 < n_val < n:

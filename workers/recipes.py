@@ -10,7 +10,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ablations.spec import raise_one_line
+from ablations.spec import excerpt, raise_one_line
 
 
 class RecipeError(ValueError):
@@ -46,13 +46,13 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _check_schedule(self) -> "Recipe":
         if list(self.milestones) != sorted(set(self.milestones)):
-            raise RecipeError(f"milestones must be strictly increasing, got {list(self.milestones)}")
+            raise RecipeError(f"milestones must be strictly increasing, got {excerpt(list(self.milestones))}")
         if self.milestones and (self.milestones[0] <= 0 or self.milestones[-1] >= self.iterations):
-            raise RecipeError(f"milestones must lie in 1..{self.iterations - 1}, got {list(self.milestones)} "
+            raise RecipeError(f"milestones must lie in 1..{self.iterations - 1}, got {excerpt(list(self.milestones))} "
                               f"(iterations alone stretches the base schedule; milestones given beside it "
                               f"replace the stretched ones)")
         if self.warmup_iterations >= self.iterations:
-            raise RecipeError(f"warmup_iterations ({self.warmup_iterations}) must be below iterations "
+            raise RecipeError(f"warmup_iterations ({excerpt(self.warmup_iterations)}) must be below iterations "
                               f"({self.iterations})")
         return self
 
@@ -112,7 +112,7 @@ def make_recipe(fields: Mapping[str, Any]) -> Recipe:
     """Recipe from a mapping, with validation errors as one RecipeError line naming the field."""
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise RecipeError(f"unknown recipe field {unknown[0]!r}; fields: {', '.join(FIELDS)}")
+        raise RecipeError(f"unknown recipe field {excerpt(unknown[0])}; fields: {', '.join(FIELDS)}")
     try:
         return Recipe(**fields)
     except ValidationError as exc:
@@ -122,16 +122,16 @@ def make_recipe(fields: Mapping[str, Any]) -> Recipe:
 def parse_override(text: str) -> tuple[str, Any]:
     """`FIELD=VALUE` from the command line; VALUE is YAML (numbers, booleans, [lists]) or a,b,c."""
     if "=" not in text:
-        raise RecipeError(f"--set expects FIELD=VALUE, got {text!r}")
+        raise RecipeError(f"--set expects FIELD=VALUE, got {excerpt(text)}")
     field, raw = (s.strip() for s in text.split("=", 1))
     if field not in FIELDS:
-        raise RecipeError(f"unknown recipe field {field!r}; fields: {', '.join(FIELDS)}")
+        raise RecipeError(f"unknown recipe field {excerpt(field)}; fields: {', '.join(FIELDS)}")
     if field == "milestones" and not raw.startswith("["):
         raw = f"[{raw}]"
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        raise RecipeError(f"--set {field}: cannot read value {raw!r}") from None
+        raise RecipeError(f"--set {field}: cannot read value {excerpt(raw)}") from None
     return field, value
 
 
@@ -151,7 +151,7 @@ def resolve_recipe(recipe: str | Mapping[str, Any] | Recipe = "mini-cpu", overri
         base = spec.pop("base", "mini-cpu")
         library = {**RECIPES, **{f"tuned/{k}": v for k, v in (tuned or {}).items()}}
         if base not in library:
-            raise RecipeError(f"unknown recipe {base!r}; bundled: {', '.join(RECIPES)}"
+            raise RecipeError(f"unknown recipe {excerpt(base)}; bundled: {', '.join(RECIPES)}"
                               + (f"; tuned: {', '.join(tuned)}" if tuned else ""))
         base_fields, own = dict(library[base]), spec
     given = {**own, **(overrides or {})}

@@ -84,46 +84,46 @@ def _check_entry(field: str, entry: Any) -> None:
         raise TuneError(f"{where}: not a tunable field; tunable: {', '.join(TUNABLE)}")
     kind = TUNABLE[field]
     if not isinstance(entry, dict):
-        raise TuneError(f"{where}: write {{low, high, log}} or {{choices: [...]}}, got {entry!r}")
+        raise TuneError(f"{where}: write {{low, high, log}} or {{choices: [...]}}, got {excerpt(entry)}")
     if "choices" in entry:
         if set(entry) != {"choices"}:
             raise TuneError(f"{where}: choices go alone, without {', '.join(sorted(set(entry) - {'choices'}))}")
         choices = entry["choices"]
         if not isinstance(choices, list) or not choices:
-            raise TuneError(f"{where}: choices must be a non-empty list, got {choices!r}")
+            raise TuneError(f"{where}: choices must be a non-empty list, got {excerpt(choices)}")
         for c in choices:
             _check_value(where, kind, c)
         if len({encode_choice(c) for c in choices}) != len(choices):
-            raise TuneError(f"{where}: choices repeat: {choices}")
+            raise TuneError(f"{where}: choices repeat: {excerpt(choices)}")
         return
     if kind is list:
         raise TuneError(f"{where}: the schedule's shape is a choice: {{choices: [[0.5, 0.75], [0.3, 0.6, 0.9]]}}")
     unknown = set(entry) - {"low", "high", "log"}
     if unknown:
-        raise TuneError(f"{where}: unknown key {sorted(unknown)[0]!r}; write {{low, high, log}} or {{choices}}")
+        raise TuneError(f"{where}: unknown key {excerpt(sorted(unknown)[0])}; write {{low, high, log}} or {{choices}}")
     if "low" not in entry or "high" not in entry:
-        raise TuneError(f"{where}: a range needs both low and high, got {entry}")
+        raise TuneError(f"{where}: a range needs both low and high, got {excerpt(entry)}")
     low, high, log = entry["low"], entry["high"], entry.get("log", False)
     for v in (low, high):
         _check_value(where, kind, v)
     if not isinstance(log, bool):
-        raise TuneError(f"{where}: log is true or false, got {log!r}")
+        raise TuneError(f"{where}: log is true or false, got {excerpt(log)}")
     if not low < high:
-        raise TuneError(f"{where}: low ({low}) must be below high ({high})")
+        raise TuneError(f"{where}: low ({excerpt(low)}) must be below high ({excerpt(high)})")
     if log and low <= 0:
-        raise TuneError(f"{where}: a log scale needs low > 0, got {low}")
+        raise TuneError(f"{where}: a log scale needs low > 0, got {excerpt(low)}")
 
 
 def _check_value(where: str, kind: type, value: Any) -> None:
     if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
-        raise TuneError(f"{where}: an integer field takes integer values, got {value!r}")
+        raise TuneError(f"{where}: an integer field takes integer values, got {excerpt(value)}")
     if kind is float and not _is_number(value):
-        raise TuneError(f"{where}: expects numbers, got {value!r}")
+        raise TuneError(f"{where}: expects numbers, got {excerpt(value)}")
     if kind is list:
         if not isinstance(value, list) or not all(_is_number(f) and 0 < f < 1 for f in value):
-            raise TuneError(f"{where}: each choice is a list of fractions of the run in (0, 1), got {value!r}")
+            raise TuneError(f"{where}: each choice is a list of fractions of the run in (0, 1), got {excerpt(value)}")
         if value != sorted(set(value)):
-            raise TuneError(f"{where}: fractions must be strictly increasing, got {value}")
+            raise TuneError(f"{where}: fractions must be strictly increasing, got {excerpt(value)}")
 
 
 def encode_choice(value: Any) -> Any:
