@@ -185,7 +185,7 @@ def cmd_run(args: argparse.Namespace) -> Any:
         print(f"interrupted: the grid stays resumable; run `ablate run {args.grid}` again", file=sys.stderr)
         raise SystemExit(130) from exc
     out["comparison"] = comparison(store, out["grid"])
-    print(f"MLflow: {ui_command(out['tracking_uri'])}", file=sys.stderr)
+    print(f"MLflow: {ui_command(out['tracking_uri'], out.get('mlflow_experiment_id'))}", file=sys.stderr)
     ended_well = out["counts"]["finished"] + out["counts"]["diverged"] == out["trials"]
     out["exit_code"] = 0 if ended_well else 1
     return out
@@ -304,7 +304,9 @@ def cmd_compare(args: argparse.Namespace) -> Any:
     if args.json or args.format == "json":
         if args.output:
             Path(args.output).write_text(json.dumps(doc, indent=1))
-        return doc
+        if args.json:
+            return doc
+        return {"written": args.output} if args.output else Rendered(render(doc, "json"))
     rendered = render(doc, args.format)
     if args.output:
         Path(args.output).write_bytes(rendered if isinstance(rendered, bytes) else rendered.encode())
