@@ -51,12 +51,20 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=log, stderr=log, start_new_session=True)
-        wait_http(f"{self.uri}/health", proc=self.proc)
+        try:
+            wait_http(f"{self.uri}/health", timeout=180, proc=self.proc)
+        except (TimeoutError, RuntimeError):
+            self.stop()  # never leave a server behind a failed start (a busy machine can take minutes)
+            raise
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
-            self.proc.wait(30)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:  # its job workers can outlast SIGTERM on a busy machine
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(30)
 
 
 @pytest.fixture(scope="session")
