@@ -11,6 +11,7 @@ trial whose driver died is taken over once its heartbeat is stale and resumes fr
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -24,29 +25,47 @@ from workers.sinks import NullSink
 
 from .grids import GridSpec, GridTrial, expand_grid
 from .state import DONE, STALE_AFTER_S, StateStore, ablate_home
-from .tracking import MlflowSink, Tracker
+from .tracking import SYSTEM_METRICS_EVERY_S, MlflowSink, Tracker, dataset_inputs
 
 HEARTBEAT_EVERY_S = STALE_AFTER_S / 4
 QUEUE_SLACK_S = 600.0
 POLL_S = 0.2
-RUN_WAIT_S = 2.0  # how long a submission waits for its MLflow child run before going without live metrics
 LIVE_KEY = "_mlflow_live_run"  # set by a trial whose sink delivered every metric; never stored
+PARENT_EVERY_S = 10.0  # the parent run's progress and ETA are refreshed this often while the grid runs
+# ... and its comparison (table, cell metrics, report: a second or two of the driver's CPU) at most this
+# often, when trials ended since; always at the end.
+COMPARISON_EVERY_S = 30.0
+PROBE_TIMEOUT_S = 300.0  # the final report's propagation probes, on a Ray worker
+_PARENT_LOCK = threading.Lock()  # one parent run per grid name among this process's runners (the service)
 
 
 def checkpoint_root() -> Path:
     return Path(os.environ.get("ABLATE_CHECKPOINT_DIR") or ablate_home() / "checkpoints").resolve()
 
 
+def _live_sink(task: dict[str, Any], config: Any, inputs: list[dict]) -> MlflowSink | None:
+    """The sink that starts a task's child run and streams to it: the task's run, or the one the driver makes
+    for it meanwhile (found by trial key); none for a task without MLflow."""
+    if not task.get("tracking_uri"):
+        return None
+    return MlflowSink(task["tracking_uri"], task.get("run_id"), iterations=config.recipe.iterations, inputs=inputs,
+                      system_metrics_s=task.get("system_metrics_s", SYSTEM_METRICS_EVERY_S),
+                      find=(task["experiment"], task["key"]) if task.get("key") else None)
+
+
 def execute_trial(task: dict[str, Any]) -> dict[str, Any]:
-    """The Ray task body: one trial, metrics streamed to its MLflow child run when there is one."""
+    """The Ray task body: one trial, streamed live to its MLflow child run when there is one. The dataset
+    inputs go into the result too: the record the driver syncs the run from."""
     from workers.trainer import TrialConfig, run_trial
-    sink = MlflowSink(task["tracking_uri"], task["run_id"]) if task.get("run_id") else None
-    result = run_trial(TrialConfig.model_validate_json(task["config"]), checkpoint_dir=task["checkpoint_dir"],
-                       sink=sink, threads=task["threads"], device=task["device"], data_dir=task.get("data_dir"),
-                       time_limit_s=task.get("timeout_s"))
+    config = TrialConfig.model_validate_json(task["config"])
+    inputs = dataset_inputs(config, task.get("data_dir"))
+    sink = _live_sink(task, config, inputs)
+    result = run_trial(config, checkpoint_dir=task["checkpoint_dir"], sink=sink, threads=task["threads"],
+                       device=task["device"], data_dir=task.get("data_dir"), time_limit_s=task.get("timeout_s"))
+    result["inputs"] = inputs
     if sink is not None and sink.delivered(result):
         # The live run already holds the whole history: the driver's sync need not read it back.
-        result[LIVE_KEY] = task["run_id"]
+        result[LIVE_KEY] = sink.run_id
     return result
 
 
@@ -55,15 +74,17 @@ def execute_group(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (workers/fused.py); checkpoints, results and MLflow runs stay per seed."""
     from workers.fused import run_fused
     from workers.trainer import TrialConfig
-    sinks = [MlflowSink(t["tracking_uri"], t["run_id"]) if t.get("run_id") else None for t in tasks]
+    configs = [TrialConfig.model_validate_json(t["config"]) for t in tasks]
     first = tasks[0]
-    results = run_fused([TrialConfig.model_validate_json(t["config"]) for t in tasks],
-                        checkpoint_dirs=[t["checkpoint_dir"] for t in tasks],
+    inputs = dataset_inputs(configs[0], first.get("data_dir"))  # the seeds of a group share their data
+    sinks = [_live_sink(t, c, inputs) for t, c in zip(tasks, configs)]
+    results = run_fused(configs, checkpoint_dirs=[t["checkpoint_dir"] for t in tasks],
                         sinks=[s or NullSink() for s in sinks], threads=first["threads"], device=first["device"],
                         data_dir=first.get("data_dir"), time_limit_s=first.get("timeout_s"))
     for task, sink, result in zip(tasks, sinks, results):
+        result["inputs"] = inputs
         if sink is not None and sink.delivered(result):
-            result[LIVE_KEY] = task["run_id"]
+            result[LIVE_KEY] = sink.run_id
     return results
 
 
@@ -93,54 +114,110 @@ class GridRunner:
         self.data_dir = data_dir
         self.share = share  # how many grids share the cluster now: each gets that fraction of the slots
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        # Syncing ended trials to MLflow happens off the scheduling loop, one call at a time.
+        # Every MLflow call of the driver happens off the scheduling loop, on this thread, one at a time.
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-sync")
-        self._parent_lock = threading.Lock()
+        # Trials sample system metrics at the driver's MLflow setting, wherever their workers started.
+        self.system_metrics_s = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or SYSTEM_METRICS_EVERY_S)
         self._prepared: dict[str, Future] = {}
         self._orphans: dict[str, str] = {}  # trial key → a child run a killed driver created but never saved
+        self._children: set[str] = set()  # run ids under this grid's parent run (the rest were reused)
+        self._children_known = False  # `_children` read from MLflow for this run
+        self._parent_next, self._parent_job = 0.0, None  # the next parent refresh, the last one queued
+        self._compared: tuple[float, dict | None] = (float("-inf"), None)  # when, at which ended counts
+        self._eta_origin = (time.time(), 0)  # this run's start and the trials ended by then
 
     # ------------------------------------------------------------------------------------------ mlflow
     def _parent_run(self, spec: GridSpec, grid_id: str) -> str | None:
-        with self._parent_lock:
-            return self._parent_run_locked(spec, grid_id)
+        """The parent run of the grid's name, which every grid of that name shares; made on first need."""
+        with _PARENT_LOCK:
+            parent = self.store.grid_run(grid_id)
+            if parent is not None:
+                return parent
+            try:
+                parent = self.tracker.start_grid(spec.name, grid_id)
+            except Exception as exc:
+                print(f"ablate: MLflow unreachable ({_first_line(exc)}); runs will be logged later", file=sys.stderr)
+                return None
+            self.store.set_grid_run(grid_id, parent)
+            return parent
 
-    def _parent_run_locked(self, spec: GridSpec, grid_id: str) -> str | None:
-        row = self.store.grid(grid_id)
-        if row.mlflow_run_id:
-            return row.mlflow_run_id
+    def _open_parent(self, spec: GridSpec, grid_id: str, reused: int) -> None:
+        """Start of a run: this runner's MLflow bookkeeping reset, and as the first MLflow job the parent
+        reopened, its child runs known and its progress shown."""
+        now = time.time()
+        self._orphans, self._children, self._children_known = {}, set(), False
+        # The first comparison after COMPARISON_EVERY_S: the first child runs are made before it.
+        self._compared, self._eta_origin, self._parent_next = (now, None), (now, reused), now + PARENT_EVERY_S
+
+        def job() -> None:
+            if self._know_children(spec, grid_id):
+                self._refresh_parent(spec, grid_id)
+        self._parent_job = self._syncer.submit(job)
+
+    def _know_children(self, spec: GridSpec, grid_id: str) -> bool:
+        """The parent running again and its child runs known (those a killed driver created but never saved
+        are adopted, not made twice); False while MLflow is unreachable."""
+        parent = self._parent_run(spec, grid_id)
+        if parent is None:
+            return False
         try:
-            run_id = self.tracker.start_grid(spec.name, grid_id, spec.model_dump(mode="json", by_alias=True))
-        except Exception as exc:
-            print(f"ablate: MLflow unreachable ({_first_line(exc)}); runs will be logged later", file=sys.stderr)
-            return None
-        self.store.set_grid_run(grid_id, run_id)
-        return run_id
+            self.tracker.reopen_grid(parent)
+            children = self.tracker.child_runs(spec.name, parent)
+        except Exception:
+            return False
+        held = {t["mlflow_run_id"] for t in self.store.grid_trials(grid_id)}
+        self._children |= set(children.values())
+        self._orphans = {key: run for key, run in children.items() if run not in held}
+        self._children_known = True
+        return True
 
     def _child_run(self, spec: GridSpec, grid_id: str, trial: dict[str, Any]) -> str | None:
+        """The trial's child run; made under this grid's parent when the trial has none yet."""
         if trial.get("mlflow_run_id"):
             return trial["mlflow_run_id"]
         parent = self._parent_run(spec, grid_id)
         if parent is None:
             return None
-        import json
         try:
             # A driver killed between creating a run and saving its id left it behind: adopt it.
-            run_id = self._orphans.pop(trial["key"], None) or self.tracker.start_trial(
+            made = self._orphans.pop(trial["key"], None) or self.tracker.start_trial(
                 spec.name, grid_id, parent, trial, json.loads(trial["config"]))
         except Exception:
             return None
-        self.store.set_trial_run(grid_id, trial["key"], run_id=run_id)
+        run_id = self.store.set_trial_run(trial["key"], made)
+        if run_id == made:
+            self._children.add(run_id)
+        else:  # another grid's driver gave the trial its run meanwhile: link to that one
+            try:
+                self.tracker.discard(made)
+            except Exception:
+                pass  # left as a stray run; nothing refers to it
         trial["mlflow_run_id"] = run_id
         return run_id
 
     def _prepare_run(self, spec: GridSpec, grid_id: str, key: str) -> Future:
-        """Create a trial's child run on the MLflow thread ahead of its submission (idempotent)."""
+        """Ready a trial's child run on the MLflow thread ahead of its submission (idempotent): made SCHEDULED,
+        or, held from an earlier attempt, SCHEDULED again."""
         if key not in self._prepared:
-            def create() -> str | None:
+            def prepare() -> str | None:
                 trials = self.store.grid_trials(grid_id, {key})
-                return self._child_run(spec, grid_id, trials[0]) if trials else None
-            self._prepared[key] = self._syncer.submit(create)
+                if not trials:
+                    return None
+                if trials[0]["mlflow_run_id"]:
+                    try:
+                        self.tracker.schedule(trials[0]["mlflow_run_id"])
+                    except Exception:
+                        pass  # its worker sets it running all the same
+                return self._child_run(spec, grid_id, trials[0])
+            self._prepared[key] = self._syncer.submit(prepare)
         return self._prepared[key]
+
+    def _run_for_task(self, spec: GridSpec, grid_id: str, key: str) -> dict[str, Any]:
+        """What a trial's task needs to stream to its child run, without waiting on MLflow: the run when it is
+        ready, else where its worker's sink finds it once the MLflow thread has made it."""
+        ready = self._prepare_run(spec, grid_id, key)
+        return {"tracking_uri": self.tracker.uri, "experiment": spec.name, "key": key,
+                "run_id": ready.result() if ready.done() else None, "system_metrics_s": self.system_metrics_s}
 
     def sync_mlflow(self, spec: GridSpec, grid_id: str, keys: set[str] | None = None,
                     live: dict[str, str] | None = None) -> int:
@@ -158,11 +235,72 @@ class GridRunner:
                     raise ConnectionError("no run")
                 result = trial["result"] or {"history": []}
                 self.tracker.sync(run_id, result, trial["status"], str(checkpoint_root() / trial["key"]),
-                                  delivered=(live or {}).get(trial["key"]) == run_id)
-                self.store.set_trial_run(grid_id, trial["key"], synced=True)
+                                  delivered=(live or {}).get(trial["key"]) == run_id,
+                                  iterations=json.loads(trial["config"])["recipe"]["iterations"])
+                self.store.set_trial_synced(trial["key"])
             except Exception:
                 pending += 1
         return pending
+
+    def _eta(self, counts: dict[str, int]) -> float | None:
+        """Seconds until the grid ends at this run's pace so far (None before its first trial ended)."""
+        started, ended_then = self._eta_origin
+        ended = sum(counts[s] for s in (*DONE, "error"))
+        left = counts["queued"] + counts["running"]
+        if not left:
+            return 0.0
+        return left * (time.time() - started) / (ended - ended_then) if ended > ended_then else None
+
+    def _refresh_parent(self, spec: GridSpec, grid_id: str, full: bool | None = None, state: str | None = None,
+                        probes: Callable[[list[str]], list[dict]] | None = None) -> bool:
+        """Bring the parent run up to the grid (on the MLflow thread): progress and ETA each time; the
+        comparison, its tables and the report when `full`, by default when trials ended since it was last
+        logged (at most every COMPARISON_EVERY_S). False when MLflow did not take it."""
+        from . import parent_view
+        if not self._children_known and not self._know_children(spec, grid_id):
+            return False
+        parent = self._parent_run(spec, grid_id)
+        now, counts = time.time(), self.store.counts(grid_id)
+        ended = {s: counts[s] for s in (*DONE, "error")}
+        if full is None:
+            full = ended != self._compared[1] and now - self._compared[0] >= COMPARISON_EVERY_S
+        try:
+            view = parent_view.build(self.store, spec, grid_id, parent, children=self._children,
+                                     eta_s=self._eta(counts), full=full, state=state, mlflow_url=self.tracker.ui_url,
+                                     probes=probes)
+            self.tracker.update_grid(parent, view)
+        except Exception:
+            return False
+        if full:
+            self._compared = (now, ended)
+        return True
+
+    def _tick_parent(self, spec: GridSpec, grid_id: str, now: float) -> None:
+        """From the scheduling loop: queue a parent refresh every PARENT_EVERY_S, unless the last one still
+        waits (a slow server never piles them up)."""
+        if now >= self._parent_next and (self._parent_job is None or self._parent_job.done()):
+            self._parent_next = now + PARENT_EVERY_S
+            self._parent_job = self._syncer.submit(self._refresh_parent, spec, grid_id)
+
+    def _end_parent(self, spec: GridSpec, grid_id: str, counts: dict[str, int], terminate: bool) -> bool:
+        """The run's last word on the parent: the final comparison and report (with propagation probes,
+        computed on a Ray worker: the driver never imports torch), then terminated unless runs are unsynced."""
+        def probes(configs: list[str]) -> list[dict]:
+            import ray
+            from .reporting import probe_all
+            try:
+                remote = ray.remote(probe_all).options(num_cpus=1, max_retries=0)
+                return ray.get(remote.remote(configs), timeout=PROBE_TIMEOUT_S)
+            except Exception:
+                return []  # the report goes without its propagation section
+        if not self._refresh_parent(spec, grid_id, full=True, probes=probes):
+            return False
+        if terminate:
+            try:
+                self.tracker.end_grid(self.store.grid_run(grid_id), counts)
+            except Exception:
+                return False
+        return True
 
     # -------------------------------------------------------------------------------------------- run
     def submit(self, spec: GridSpec, extra: list[GridTrial] = ()) -> str:
@@ -185,16 +323,7 @@ class GridRunner:
         rows = {t["key"]: t for t in self.store.grid_trials(grid_id)}
         before = {k: t["status"] for k, t in rows.items()}
         reused = sum(1 for s in before.values() if s in DONE)
-        parent = self.store.grid(grid_id).mlflow_run_id
-        self._orphans = {}
-        if parent is None:
-            self._syncer.submit(self._parent_run, spec, grid_id)  # on the MLflow thread, as the first job
-        elif any(not t["mlflow_run_id"] for t in rows.values()):
-            try:
-                known = {t["mlflow_run_id"] for t in rows.values()}
-                self._orphans = {k: r for k, r in self.tracker.child_runs(spec.name, parent).items() if r not in known}
-            except Exception:
-                pass  # MLflow unreachable: nothing to adopt now
+        self._open_parent(spec, grid_id, reused)
 
         ensure_ray()
         cpu, gpu = spec.resources.cpu, spec.resources.gpu
@@ -223,16 +352,10 @@ class GridRunner:
                     waiting_on_others.update(set(group) - set(claimed))  # someone else runs them (or ended)
                     if not claimed:
                         continue
-                    tasks = []
-                    for key in claimed:
-                        try:
-                            run_id = self._prepare_run(spec, grid_id, key).result(timeout=RUN_WAIT_S)
-                        except Exception:
-                            run_id = None  # MLflow slow or down: the sync logs this trial's metrics at its end
-                        tasks.append({"config": rows[key]["config"], "checkpoint_dir": str(checkpoint_root() / key),
-                                      "threads": max(1, int(cpu)), "device": "cuda" if gpu > 0 else "cpu",
-                                      "data_dir": spec.data_dir or self.data_dir, "tracking_uri": self.tracker.uri,
-                                      "timeout_s": spec.timeout_s, "run_id": run_id})
+                    tasks = [{"config": rows[key]["config"], "checkpoint_dir": str(checkpoint_root() / key),
+                              "threads": max(1, int(cpu)), "device": "cuda" if gpu > 0 else "cpu",
+                              "data_dir": spec.data_dir or self.data_dir, "timeout_s": spec.timeout_s,
+                              **self._run_for_task(spec, grid_id, key)} for key in claimed]
                     ref = remote.remote(tasks[0]) if len(tasks) == 1 else remote_group.remote(tasks)
                     inflight[ref] = (claimed, time.time())
                 if inflight:
@@ -280,6 +403,7 @@ class GridRunner:
                         waiting_on_others.clear()
                 if display.due(now):
                     display.update(self.store.counts(grid_id))
+                self._tick_parent(spec, grid_id, now)
         except KeyboardInterrupt:
             interrupted = 1
             for ref in inflight:
@@ -297,17 +421,17 @@ class GridRunner:
             time.sleep(2.0)
             unsynced = self.sync_mlflow(spec, grid_id)
         counts = self.store.counts(grid_id)
-        parent = self.store.grid(grid_id).mlflow_run_id
-        if parent and not interrupted and not unsynced:
-            try:
-                self.tracker.end_grid(parent, counts)
-            except Exception:
-                unsynced += 1
+        parent = self.store.grid_run(grid_id)
+        if parent and interrupted:
+            self._refresh_parent(spec, grid_id, full=False, state="interrupted")
+        elif parent and not self._end_parent(spec, grid_id, counts, terminate=not unsynced):
+            unsynced += 1
         if interrupted:
             raise GridInterrupted(grid_id)
         return {"grid": grid_id, "name": spec.name, "trials": len(before), "executed": executed, "reused": reused,
                 "cancelled": cancelled, "counts": counts, "mlflow_unsynced": unsynced,
-                "tracking_uri": self.tracker.uri, "mlflow_run_id": parent}
+                "tracking_uri": self.tracker.uri, "mlflow_run_id": parent,
+                "mlflow_experiment_id": self.tracker.known_experiment(spec.name)}
 
     def _record(self, spec: GridSpec, grid_id: str, keys: list[str], ref, todo: list[str]) -> int:
         """Store what one Ray task (a trial, or a fused group of trials) returned; returns how many finished."""
@@ -324,6 +448,7 @@ class GridRunner:
             for key in keys:
                 if self.store.fail(key, self.owner, _first_line(exc, 2000), retries) == "queued":
                     todo.append(key)
+                    self._prepared.pop(key, None)  # prepared again: its child run SCHEDULED again
                 else:
                     self._syncer.submit(self.sync_mlflow, spec, grid_id, {key})
             return 0
@@ -405,10 +530,10 @@ class _Progress:
 
     def update(self, counts: dict[str, int]) -> None:
         if self.enabled:
+            from .parent_view import progress_line
             done = counts["finished"] + counts["diverged"]
-            text = (f"{done}/{self.total} done · {counts['running']} running · {counts['queued']} queued"
-                    + (f" · {counts['error']} error" if counts["error"] else ""))
-            self.bar.update(self.task, completed=done + counts["error"] + counts["cancelled"], description=text)
+            self.bar.update(self.task, completed=done + counts["error"] + counts["cancelled"],
+                            description=progress_line(counts))
 
     def close(self) -> None:
         if self.enabled:

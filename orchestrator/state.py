@@ -49,6 +49,8 @@ class GridRow(Base):
     spec: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
     cancelled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The MLflow parent run: one per grid name, so every grid of a name (grown with more seeds, depths or
+    # variants) holds the same id.
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
@@ -66,6 +68,10 @@ class TrialRow(Base):
     train_error: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
+    # One MLflow child run per trial, under the parent of the grid that first ran it; other grids link to it.
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # True once the child run holds every metric of the result and is terminated.
+    mlflow_synced: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class GridTrialRow(Base):
@@ -76,9 +82,6 @@ class GridTrialRow(Base):
     depth: Mapped[int] = mapped_column(Integer)
     variant: Mapped[str] = mapped_column(String(64))
     seed: Mapped[int] = mapped_column(Integer)
-    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # True once the child run holds every metric of the result and is terminated.
-    mlflow_synced: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class AttemptRow(Base):
@@ -160,7 +163,9 @@ class StateStore:
                                            updated_at=now)
                     s.add(rows[t.key])
                 elif row.status in ("error", "cancelled"):
+                    # Its child run (if any) is brought up to date again when it ends.
                     row.status, row.attempts, row.error, row.updated_at = "queued", 0, None, now
+                    row.mlflow_synced = False
             s.flush()  # grid and trial rows first: the links below refer to them
             for t in trials:
                 if t.key not in linked:
@@ -185,17 +190,38 @@ class StateStore:
                                 .order_by(GridRow.created_at.desc())).first()
             return row
 
+    def grid_run(self, grid_id: str) -> str | None:
+        """The grid's MLflow parent run: its own, else the one an earlier grid of the same name holds
+        (which the grid then holds too)."""
+        with self.sessions.begin() as s:
+            grid = s.get(GridRow, grid_id)
+            if grid.mlflow_run_id is None:
+                grid.mlflow_run_id = s.scalars(select(GridRow.mlflow_run_id).where(
+                    GridRow.name == grid.name, GridRow.mlflow_run_id.is_not(None))
+                    .order_by(GridRow.created_at.desc())).first()
+            return grid.mlflow_run_id
+
+    def run_grids(self, run_id: str) -> list[str]:
+        """The ids of the grids an MLflow parent run has held, oldest first."""
+        with self.sessions() as s:
+            return list(s.scalars(select(GridRow.id).where(GridRow.mlflow_run_id == run_id)
+                                  .order_by(GridRow.created_at)))
+
     def set_grid_run(self, grid_id: str, run_id: str) -> None:
         with self.sessions.begin() as s:
             s.get(GridRow, grid_id).mlflow_run_id = run_id
 
-    def set_trial_run(self, grid_id: str, key: str, run_id: str | None = None, synced: bool | None = None) -> None:
+    def set_trial_run(self, key: str, run_id: str) -> str:
+        """Give a trial its MLflow child run unless it holds one already; returns the run it holds (the first
+        saved wins when two drivers made one at once)."""
         with self.sessions.begin() as s:
-            row = s.get(GridTrialRow, (grid_id, key))
-            if run_id is not None:
-                row.mlflow_run_id = run_id
-            if synced is not None:
-                row.mlflow_synced = synced
+            s.execute(update(TrialRow).where(TrialRow.key == key, TrialRow.mlflow_run_id.is_(None))
+                      .values(mlflow_run_id=run_id))
+            return s.scalar(select(TrialRow.mlflow_run_id).where(TrialRow.key == key))
+
+    def set_trial_synced(self, key: str) -> None:
+        with self.sessions.begin() as s:
+            s.get(TrialRow, key).mlflow_synced = True
 
     def grid_trials(self, grid_id: str, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """The grid's trials (or those of `keys`) with their labels, state and result."""
@@ -209,8 +235,8 @@ class StateStore:
         for gt, t in rows:
             out.append({"key": t.key, "dataset": gt.dataset, "depth": gt.depth, "variant": gt.variant,
                         "seed": gt.seed, "status": t.status, "attempts": t.attempts, "test_error": t.test_error,
-                        "train_loss": t.train_loss, "error": t.error, "mlflow_run_id": gt.mlflow_run_id,
-                        "mlflow_synced": gt.mlflow_synced,
+                        "train_loss": t.train_loss, "error": t.error, "mlflow_run_id": t.mlflow_run_id,
+                        "mlflow_synced": t.mlflow_synced,
                         "result": json.loads(t.result) if t.result else None, "config": t.config})
         return out
 

@@ -48,14 +48,15 @@ def chromium() -> str | None:
 
 
 def render_in_browser(url: str, screenshot: Path, run_ms: int | None = None, size: str = "1280,2400") -> str:
-    """The DOM after the page ran, as headless Chromium serialises it, plus a screenshot. `run_ms`: virtual time
-    the page gets to run first (a single-page app fetching its data), instead of stopping at its load event."""
+    """The DOM after the page ran, as headless Chromium serialises it, and a screenshot of that same moment.
+    `run_ms`: virtual time the page gets to run first (a single-page app fetching its data), instead of stopping
+    at its load event."""
     profile = tempfile.mkdtemp()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}", f"--window-size={size}",
              *([f"--virtual-time-budget={run_ms}"] if run_ms else [])]
-    subprocess.run([chromium(), *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
-    dom = subprocess.run([chromium(), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([chromium(), *flags, f"--screenshot={screenshot}", "--dump-dom", url], capture_output=True,
+                         text=True, timeout=180)
     shutil.rmtree(profile, ignore_errors=True)
     return dom.stdout
