@@ -266,7 +266,7 @@ class GridRunner:
             full = ended != self._compared[1] and now - self._compared[0] >= COMPARISON_EVERY_S
         try:
             view = parent_view.build(self.store, spec, grid_id, parent, children=self._children,
-                                     eta_s=self._eta(counts), full=full, state=state, mlflow_url=self.tracker.ui_url,
+                                     eta_s=self._eta(counts), full=full, state=state, mlflow_url=self.tracker.ui_base,
                                      probes=probes)
             self.tracker.update_grid(parent, view)
         except Exception:

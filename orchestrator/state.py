@@ -193,6 +193,9 @@ class StateStore:
     def grid_run(self, grid_id: str) -> str | None:
         """The grid's MLflow parent run: its own, else the one an earlier grid of the same name holds
         (which the grid then holds too)."""
+        held = self.grid(grid_id).mlflow_run_id
+        if held is not None:
+            return held  # the common case: read only, no write lock
         with self.sessions.begin() as s:
             grid = s.get(GridRow, grid_id)
             if grid.mlflow_run_id is None:

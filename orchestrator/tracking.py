@@ -297,7 +297,7 @@ class Tracker:
         return _client(self.uri)
 
     @property
-    def ui_url(self) -> str | None:
+    def ui_base(self) -> str | None:
         """The UI's address when the tracking URI is a server (it serves the UI too), for links."""
         return self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else None
 
