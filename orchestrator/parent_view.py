@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .grids import GridSpec
 from .results import BadRequest, comparison
@@ -125,8 +125,7 @@ def describe(spec: GridSpec, grid_id: str, grid_ids: list[str]) -> str:
 
 
 def build(store: StateStore, spec: GridSpec, grid_id: str, parent: str, *, children: set[str],
-          eta_s: float | None, full: bool, state: str | None = None, mlflow_url: str | None = None,
-          probes: Callable[[list[str]], list[dict]] | None = None) -> ParentView:
+          eta_s: float | None, full: bool, state: str | None = None, mlflow_url: str | None = None) -> ParentView:
     """The parent run's content now. Without `full`, only progress (cheap, while trials run); with it, the
     comparison, its tables and the report too. `children`: the run ids under this parent (the others a trial
     of this grid holds were reused from another grid). `state` overrides the derived one (interrupted)."""
@@ -155,7 +154,8 @@ def build(store: StateStore, spec: GridSpec, grid_id: str, parent: str, *, child
             metrics.update(cells)
             tags.update(decisions)
             from .reporting import grid_report
-            view.files[REPORT] = grid_report(store, grid_id, mlflow_url, probes=probes, doc=doc)
+            # Without the propagation probes: they need torch, which the grid driver never imports.
+            view.files[REPORT] = grid_report(store, grid_id, mlflow_url, probes=None, doc=doc)
         view.tables[REUSED] = table(reused(store, grid_id, children, mlflow_url), REUSED_COLUMNS)
     derived = state or grid_state(counts, store.is_cancelled(grid_id), doc)
     if derived:

@@ -35,7 +35,6 @@ PARENT_EVERY_S = 10.0  # the parent run's progress and ETA are refreshed this of
 # ... and its comparison (table, cell metrics, report: a second or two of the driver's CPU) at most this
 # often, when trials ended since; always at the end.
 COMPARISON_EVERY_S = 30.0
-PROBE_TIMEOUT_S = 300.0  # the final report's propagation probes, on a Ray worker
 _PARENT_LOCK = threading.Lock()  # one parent run per grid name among this process's runners (the service)
 
 
@@ -117,11 +116,14 @@ class GridRunner:
         # Every MLflow call of the driver happens off the scheduling loop, on this thread, one at a time.
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-sync")
         # Trials sample system metrics at the driver's MLflow setting, wherever their workers started.
-        self.system_metrics_s = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or SYSTEM_METRICS_EVERY_S)
+        self.system_metrics_s = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+                                      or SYSTEM_METRICS_EVERY_S)
         self._prepared: dict[str, Future] = {}
         self._orphans: dict[str, str] = {}  # trial key → a child run a killed driver created but never saved
         self._children: set[str] = set()  # run ids under this grid's parent run (the rest were reused)
         self._children_known = False  # `_children` read from MLflow for this run
+        self._shown_state: str | None = None  # the parent's state when this run began, if it showed this grid
+        self._ended_at_open: dict[str, int] = {}
         self._parent_next, self._parent_job = 0.0, None  # the next parent refresh, the last one queued
         self._compared: tuple[float, dict | None] = (float("-inf"), None)  # when, at which ended counts
         self._eta_origin = (time.time(), 0)  # this run's start and the trials ended by then
@@ -145,7 +147,8 @@ class GridRunner:
         """Start of a run: this runner's MLflow bookkeeping reset, and as the first MLflow job the parent
         reopened, its child runs known and its progress shown."""
         now = time.time()
-        self._orphans, self._children, self._children_known = {}, set(), False
+        self._orphans, self._children, self._children_known, self._shown_state = {}, set(), False, None
+        self._ended_at_open = _ended(self.store.counts(grid_id))
         # The first comparison after COMPARISON_EVERY_S: the first child runs are made before it.
         self._compared, self._eta_origin, self._parent_next = (now, None), (now, reused), now + PARENT_EVERY_S
 
@@ -161,10 +164,12 @@ class GridRunner:
         if parent is None:
             return False
         try:
-            self.tracker.reopen_grid(parent)
+            before = self.tracker.reopen_grid(parent)
             children = self.tracker.child_runs(spec.name, parent)
         except Exception:
             return False
+        if before.get("ablate.grid") == grid_id:
+            self._shown_state = before.get("ablate.state")
         held = {t["mlflow_run_id"] for t in self.store.grid_trials(grid_id)}
         self._children |= set(children.values())
         self._orphans = {key: run for key, run in children.items() if run not in held}
@@ -245,14 +250,14 @@ class GridRunner:
     def _eta(self, counts: dict[str, int]) -> float | None:
         """Seconds until the grid ends at this run's pace so far (None before its first trial ended)."""
         started, ended_then = self._eta_origin
-        ended = sum(counts[s] for s in (*DONE, "error"))
+        ended = sum(_ended(counts).values())
         left = counts["queued"] + counts["running"]
         if not left:
             return 0.0
         return left * (time.time() - started) / (ended - ended_then) if ended > ended_then else None
 
-    def _refresh_parent(self, spec: GridSpec, grid_id: str, full: bool | None = None, state: str | None = None,
-                        probes: Callable[[list[str]], list[dict]] | None = None) -> bool:
+    def _refresh_parent(self, spec: GridSpec, grid_id: str, full: bool | None = None,
+                        state: str | None = None) -> bool:
         """Bring the parent run up to the grid (on the MLflow thread): progress and ETA each time; the
         comparison, its tables and the report when `full`, by default when trials ended since it was last
         logged (at most every COMPARISON_EVERY_S). False when MLflow did not take it."""
@@ -261,13 +266,12 @@ class GridRunner:
             return False
         parent = self._parent_run(spec, grid_id)
         now, counts = time.time(), self.store.counts(grid_id)
-        ended = {s: counts[s] for s in (*DONE, "error")}
+        ended = _ended(counts)
         if full is None:
             full = ended != self._compared[1] and now - self._compared[0] >= COMPARISON_EVERY_S
         try:
             view = parent_view.build(self.store, spec, grid_id, parent, children=self._children,
-                                     eta_s=self._eta(counts), full=full, state=state, mlflow_url=self.tracker.ui_base,
-                                     probes=probes)
+                                     eta_s=self._eta(counts), full=full, state=state, mlflow_url=self.tracker.ui_base)
             self.tracker.update_grid(parent, view)
         except Exception:
             return False
@@ -283,17 +287,14 @@ class GridRunner:
             self._parent_job = self._syncer.submit(self._refresh_parent, spec, grid_id)
 
     def _end_parent(self, spec: GridSpec, grid_id: str, counts: dict[str, int], terminate: bool) -> bool:
-        """The run's last word on the parent: the final comparison and report (with propagation probes,
-        computed on a Ray worker: the driver never imports torch), then terminated unless runs are unsynced."""
-        def probes(configs: list[str]) -> list[dict]:
-            import ray
-            from .reporting import probe_all
-            try:
-                remote = ray.remote(probe_all).options(num_cpus=1, max_retries=0)
-                return ray.get(remote.remote(configs), timeout=PROBE_TIMEOUT_S)
-            except Exception:
-                return []  # the report goes without its propagation section
-        if not self._refresh_parent(spec, grid_id, full=True, probes=probes):
+        """The run's last word on the parent: the final comparison and report, then terminated unless runs are
+        unsynced. A run that ended no trial, on a parent that showed this grid ended already, only restores its
+        state: running a finished grid again stays quick."""
+        if _ended(counts) == self._ended_at_open and self._shown_state in ("finished", "decided"):
+            shown = self._refresh_parent(spec, grid_id, full=False, state=self._shown_state)
+        else:
+            shown = self._refresh_parent(spec, grid_id, full=True)
+        if not shown:
             return False
         if terminate:
             try:
@@ -468,6 +469,10 @@ class GridInterrupted(Exception):
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     return (text[-1] if text else type(exc).__name__)[:limit]
+
+
+def _ended(counts: dict[str, int]) -> dict[str, int]:
+    return {s: counts[s] for s in (*DONE, "error")}
 
 
 def _keys(inflight: dict[Any, tuple[list[str], float]]) -> list[str]:

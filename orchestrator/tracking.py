@@ -328,11 +328,15 @@ class Tracker:
                                      tags={"ablate.grid": grid_id, "ablate.grids": grid_id, "ablate.state": "running"})
         return run.info.run_id
 
-    def reopen_grid(self, run_id: str) -> None:
-        """A grid of the parent's name runs (again, grown or resumed): the parent is running."""
+    def reopen_grid(self, run_id: str) -> dict[str, str]:
+        """A grid of the parent's name runs (again, grown or resumed): the parent is running. Returns its tags
+        from before."""
         from mlflow.entities import RunTag
-        self.client.update_run(run_id, status="RUNNING")
-        self.client.log_batch(run_id, tags=[RunTag("ablate.state", "running")])
+        client = self.client
+        before = client.get_run(run_id).data.tags
+        client.update_run(run_id, status="RUNNING")
+        client.log_batch(run_id, tags=[RunTag("ablate.state", "running")])
+        return before
 
     def update_grid(self, run_id: str, view: ParentView) -> None:
         """Log what the parent shows now: metrics at the view's step, tags, tables and files (replaced)."""
@@ -343,7 +347,8 @@ class Tracker:
         if view.tables:
             # What MLflow's own log_table records, so the UI shows these JSON files as tables. log_table itself
             # appends to an existing file; a refreshed comparison replaces it.
-            tags.append(RunTag("mlflow.loggedArtifacts", json.dumps([{"path": p, "type": "table"} for p in view.tables])))
+            tables = [{"path": path, "type": "table"} for path in view.tables]
+            tags.append(RunTag("mlflow.loggedArtifacts", json.dumps(tables)))
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i:i + 1000])
         for i in range(0, len(tags), 100):
@@ -370,8 +375,8 @@ class Tracker:
                 "ablate.depth": str(trial["depth"]), "ablate.dataset": trial["dataset"],
                 "ablate.seed": str(trial["seed"]), "ablate.status": "queued", **SOURCE, **code_version()}
         client = self.client
-        run_id = client.create_run(self.experiment(name), run_name=f"{trial['variant']}-d{trial['depth']}-s{trial['seed']}",
-                                   tags=tags).info.run_id
+        run_name = f"{trial['variant']}-d{trial['depth']}-s{trial['seed']}"
+        run_id = client.create_run(self.experiment(name), run_name=run_name, tags=tags).info.run_id
         client.update_run(run_id, status="SCHEDULED")
         params = [Param(k, v) for k, v in flatten("", config).items()]
         for i in range(0, len(params), 100):

@@ -45,6 +45,8 @@ def test_grid_runs_once_reuses_and_grows(ablate_home, local_ray, mlflow_server):
 
     again = runner.run(load_grid(SMOKE))
     assert (again["grid"], again["executed"], again["reused"]) == (first["grid"], 0, 4)
+    shown = MlflowClient(mlflow_server.uri).get_run(again["mlflow_run_id"])  # as the first run left it
+    assert shown.info.status == "FINISHED" and shown.data.tags["ablate.state"] in ("finished", "decided")
 
     grown = runner.run(load_grid({**SMOKE, "seeds": 3}))
     assert (grown["trials"], grown["executed"], grown["reused"]) == (6, 2, 4)
@@ -102,7 +104,7 @@ def test_grid_runs_once_reuses_and_grows(ablate_home, local_ray, mlflow_server):
     assert (other["executed"], other["reused"], other["mlflow_unsynced"]) == (0, 4, 0)
     assert other["mlflow_run_id"] != parent.info.run_id and children(client, other["mlflow_run_id"]) == []
     reused = table_artifact(client, other["mlflow_run_id"], "reused_trials.json")
-    assert sorted(r["run"] for r in reused) == sorted(by_key[k]["mlflow_run_id"] for k in by_key if by_key[k]["seed"] < 2)
+    assert sorted(r["run"] for r in reused) == sorted(t["mlflow_run_id"] for t in by_key.values() if t["seed"] < 2)
     assert all(r["link"] == f"{mlflow_server.uri}/#/runs/{r['run']}" for r in reused)
     assert [r["n"] for r in table_artifact(client, other["mlflow_run_id"], "comparison.json")] == [2, 2]
     assert len(client.search_runs([parent.info.experiment_id])) == 7  # still one parent and six trials
