@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # Activation placements of Fig. 4 (a)-(e).
 UNITS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
-# Shortcut types of Fig. 2 (a)-(f).
-SHORTCUTS = ("identity", "scale", "exclusive_gate", "shortcut_gate", "conv1x1", "dropout")
+# Shortcut types of Fig. 2 (a)-(f); `dropout` is the paper's (a keep-mask, expectation 1 − p on the shortcut),
+# `inverted_dropout` the common rescaled form (expectation 1), kept as a separate network.
+SHORTCUTS = ("identity", "scale", "exclusive_gate", "shortcut_gate", "conv1x1", "dropout", "inverted_dropout")
 BLOCKS = ("basic", "bottleneck")
 # Depths named by the papers, with the block they used: He et al. 2015 (basic) and 2016 (bottleneck).
 PAPER_DEPTHS = {20: "basic", 32: "basic", 44: "basic", 56: "basic", 110: "basic", 1202: "basic",
@@ -23,10 +24,13 @@ LAYERS_PER_UNIT = {"basic": 2, "bottleneck": 3}
 # Input channels, image size and classes per dataset: the stem and classifier follow the data.
 DATASET_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "fashion-mnist": (1, 28, 10),
                   "synthetic": (3, 32, 10)}
+# Test-set sizes: the binomial sampling error of a test error is sqrt(p(1 − p) / N_test).
+TEST_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "fashion-mnist": 10_000, "synthetic": 1_000}
 
 # Fields that only mean something for one shortcut type; setting them elsewhere is a mistake.
 SHORTCUT_FIELDS = {"shortcut_scale": ("scale",), "residual_scale": ("scale",),
-                   "gate_bias": ("exclusive_gate", "shortcut_gate"), "dropout": ("dropout",)}
+                   "gate_bias": ("exclusive_gate", "shortcut_gate"),
+                   "dropout": ("dropout", "inverted_dropout")}
 
 
 class SpecError(ValueError):
@@ -167,13 +171,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shortcut_gate-b-6": dict(shortcut="shortcut_gate", gate_bias=-6.0),
     "conv1x1": dict(shortcut="conv1x1"),
     "dropout-0.5": dict(shortcut="dropout", dropout=0.5),
+    # Not in the paper: inverted dropout (identity at evaluation), to show the paper's form is what fails.
+    "inverted_dropout-0.5": dict(shortcut="inverted_dropout", dropout=0.5),
 }
 FIGURES = {"original": "Fig. 2(a) / 4(a)", "bn_after_add": "Fig. 4(b)", "relu_before_add": "Fig. 4(c)",
            "relu_only_preact": "Fig. 4(d)", "full_preact": "Fig. 4(e)", "scale-0": "Fig. 2(b)",
            "scale-0.5": "Fig. 2(b)", "scale-0.5-0.5": "Fig. 2(b)", "exclusive_gate-b0": "Fig. 2(c)",
            "exclusive_gate-b-6": "Fig. 2(c)", "exclusive_gate-b-7": "Fig. 2(c)",
            "shortcut_gate-b0": "Fig. 2(d)", "shortcut_gate-b-6": "Fig. 2(d)", "conv1x1": "Fig. 2(e)",
-           "dropout-0.5": "Fig. 2(f)"}
+           "dropout-0.5": "Fig. 2(f)", "inverted_dropout-0.5": "Fig. 2(f), inverted (not in the paper)"}
 MODEL_FIELDS = tuple(name for name in ModelSpec.model_fields if name not in ("depth",))
 
 

@@ -78,6 +78,9 @@ class GridSpec(BaseModel):
     paper_setting: tuple[Literal["cifar10", "cifar100"], int] | None = Field(
         None, description="[dataset, depth] of the paper's table this grid stands in for: its figures are shown "
         "beside the grid's own, labelled with that setting")
+    precision: Literal["auto", "fp32", "bf16"] | None = Field(
+        None, description="every variant's recipe precision (auto: bf16 where the device makes it faster); "
+        "unset: each recipe's own")
     fuse_seeds: int = Field(1, ge=1, le=64, description="train up to this many seeds of a cell as one fused "
                             "network in one task (same results per seed within float tolerance)")
 
@@ -259,7 +262,8 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
     recipes = {}
     for name, recipe in spec.variant_recipes().items():
         try:
-            recipes[name] = resolve_recipe(recipe, tuned=tuned)
+            recipes[name] = resolve_recipe(recipe, {"precision": spec.precision} if spec.precision else None,
+                                           tuned=tuned)
         except RecipeError as exc:
             raise GridError(f"recipe: {exc}" if recipe is spec.recipe else f"variants.{name}.recipe: {exc}") from None
     shared = {k: v for k, v in (("block", spec.block), ("width", spec.width)) if v is not None}

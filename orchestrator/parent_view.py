@@ -155,7 +155,7 @@ def build(store: StateStore, spec: GridSpec, grid_id: str, parent: str, *, child
             tags.update(decisions)
             from .reporting import grid_report
             # Without the propagation probes: they need torch, which the grid driver never imports.
-            view.files[REPORT] = grid_report(store, grid_id, mlflow_url, probes=None, doc=doc)
+            view.files[REPORT] = grid_report(store, grid_id, mlflow_url, with_probes=False, doc=doc)
         view.tables[REUSED] = table(reused(store, grid_id, children, mlflow_url), REUSED_COLUMNS)
     derived = state or grid_state(counts, store.is_cancelled(grid_id), doc)
     if derived:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from workers.sinks import NullSink
 
+from .cluster import ensure_ray
 from .grids import GridSpec, GridTrial, expand_grid
 from .state import DONE, STALE_AFTER_S, StateStore, ablate_home
 from .tracking import SYSTEM_METRICS_EVERY_S, MlflowSink, Tracker, dataset_inputs
@@ -42,61 +43,39 @@ def checkpoint_root() -> Path:
     return Path(os.environ.get("ABLATE_CHECKPOINT_DIR") or ablate_home() / "checkpoints").resolve()
 
 
-def _live_sink(task: dict[str, Any], config: Any, inputs: list[dict]) -> MlflowSink | None:
+def _live_sink(task: dict[str, Any], inputs: list[dict]) -> MlflowSink | None:
     """The sink that starts a task's child run and streams to it: the task's run, or the one the driver makes
     for it meanwhile (found by trial key); none for a task without MLflow."""
     if not task.get("tracking_uri"):
         return None
-    return MlflowSink(task["tracking_uri"], task.get("run_id"), iterations=config.recipe.iterations, inputs=inputs,
+    return MlflowSink(task["tracking_uri"], task.get("run_id"), inputs=inputs,
                       system_metrics_s=task.get("system_metrics_s", SYSTEM_METRICS_EVERY_S),
                       find=(task["experiment"], task["key"]) if task.get("key") else None)
 
 
 def execute_trial(task: dict[str, Any]) -> dict[str, Any]:
-    """The Ray task body: one trial, streamed live to its MLflow child run when there is one. The dataset
-    inputs go into the result too: the record the driver syncs the run from."""
-    from workers.trainer import TrialConfig, run_trial
-    config = TrialConfig.model_validate_json(task["config"])
-    inputs = dataset_inputs(config, task.get("data_dir"))
-    sink = _live_sink(task, config, inputs)
-    result = run_trial(config, checkpoint_dir=task["checkpoint_dir"], sink=sink, threads=task["threads"],
-                       device=task["device"], data_dir=task.get("data_dir"), time_limit_s=task.get("timeout_s"))
-    result["inputs"] = inputs
-    if sink is not None and sink.delivered(result):
-        # The live run already holds the whole history: the driver's sync need not read it back.
-        result[LIVE_KEY] = sink.run_id
-    return result
+    """The Ray task body: one trial, streamed live to its MLflow child run when there is one."""
+    return execute_group([task])[0]
 
 
 def execute_group(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The Ray task body for `fuse_seeds`: seeds of one cell trained as one fused network
-    (workers/fused.py); checkpoints, results and MLflow runs stay per seed."""
-    from workers.fused import run_fused
-    from workers.trainer import TrialConfig
+    """The Ray task body: the seeds of one cell (one, or a `fuse_seeds` group) trained by the one loop
+    (workers/trainer.py); checkpoints, results and MLflow runs stay per seed. The dataset inputs go into
+    each result too: the record the driver syncs the run from."""
+    from workers.trainer import TrialConfig, run_trials
     configs = [TrialConfig.model_validate_json(t["config"]) for t in tasks]
     first = tasks[0]
-    inputs = dataset_inputs(configs[0], first.get("data_dir"))  # the seeds of a group share their data
-    sinks = [_live_sink(t, c, inputs) for t, c in zip(tasks, configs)]
-    results = run_fused(configs, checkpoint_dirs=[t["checkpoint_dir"] for t in tasks],
-                        sinks=[s or NullSink() for s in sinks], threads=first["threads"], device=first["device"],
-                        data_dir=first.get("data_dir"), time_limit_s=first.get("timeout_s"))
-    for task, sink, result in zip(tasks, sinks, results):
+    inputs = dataset_inputs(configs[0], first.get("data_dir"))  # the seeds of a cell share their data
+    sinks = [_live_sink(t, inputs) for t in tasks]
+    results = run_trials(configs, checkpoint_dirs=[t["checkpoint_dir"] for t in tasks],
+                         sinks=[s or NullSink() for s in sinks], threads=first["threads"], device=first["device"],
+                         data_dir=first.get("data_dir"), time_limit_s=first.get("timeout_s"))
+    for sink, result in zip(sinks, results):
         result["inputs"] = inputs
         if sink is not None and sink.delivered(result):
+            # The live run already holds the whole history: the driver's sync need not read it back.
             result[LIVE_KEY] = sink.run_id
     return results
-
-
-def ensure_ray() -> None:
-    """Connect to RAY_ADDRESS when set, else start a private local Ray (never someone else's)."""
-    import ray
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 class GridRunner:
@@ -306,8 +285,7 @@ class GridRunner:
     # -------------------------------------------------------------------------------------------- run
     def submit(self, spec: GridSpec, extra: list[GridTrial] = ()) -> str:
         """Validate, expand and record the grid (no training yet); returns its id. Idempotent."""
-        from .tuning import load_tuned
-        tuned = load_tuned(self.store.url) if spec.tuned_names() else {}
+        tuned = self.store.tuned_recipes() if spec.tuned_names() else {}
         trials = expand_grid(spec, tuned=tuned)
         _reject_duplicates(trials)
         known = {t.key for t in trials}

@@ -172,20 +172,19 @@ class MlflowSink(MetricsSink):
 
     The thread first starts the run (RUNNING, `ablate.status` running, the dataset inputs, system metrics),
     then ships metrics with the trial's progress: tags `ablate.iteration` ("400/1000") and `ablate.eta`
-    (remaining time at the pace since the first logged step), given `iterations`, the recipe's total.
+    (remaining time at the pace since training began, as `begin` said where and for how long).
     Without `run_id`, it first finds the run by `find` = (experiment name, trial key): the SCHEDULED child
     run the driver makes for the trial, so a trial never waits for the driver to make its run.
     """
 
     def __init__(self, uri: str, run_id: str | None, flush_every: float = 2.0, close_timeout: float = 10.0,
-                 iterations: int | None = None, inputs: list[dict[str, str]] = (),
-                 system_metrics_s: float = SYSTEM_METRICS_EVERY_S, find: tuple[str, str] | None = None):
+                 inputs: list[dict[str, str]] = (), system_metrics_s: float = SYSTEM_METRICS_EVERY_S,
+                 find: tuple[str, str] | None = None):
         self.uri, self.run_id, self.flush_every, self.close_timeout = uri, run_id, flush_every, close_timeout
-        self.find = find
-        self.iterations, self.inputs, self.system_metrics_s = iterations, list(inputs), system_metrics_s
+        self.find, self.inputs, self.system_metrics_s = find, list(inputs), system_metrics_s
         self._buffer: list[Any] = []
         self._progress: dict[str, str] = {}  # tags not shipped yet
-        self._origin: tuple[int, float] | None = None  # (first step logged, when)
+        self._origin: tuple[int, float, int] | None = None  # (step training began at, when, of how many)
         self.steps: set[int] = set()  # every step logged through this sink
         self._started = False
         self._monitor = None
@@ -195,17 +194,21 @@ class MlflowSink(MetricsSink):
         self._thread = threading.Thread(target=self._loop, name="mlflow-sink", daemon=True)
         self._thread.start()
 
+    def begin(self, start: int, iterations: int) -> None:
+        with self._lock:
+            self._origin = (start, time.time(), iterations)
+            self._progress = {"ablate.iteration": f"{start}/{iterations}", "ablate.eta": duration(None)}
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
         now = time.time()
         with self._lock:
             self._buffer += [Metric(k, float(v), int(now * 1000), step) for k, v in metrics.items() if v is not None]
             self.steps.add(step)
-            if self.iterations:
-                self._origin = self._origin or (step, now)
-                first, since = self._origin
-                eta = (self.iterations - step) * (now - since) / (step - first) if step > first else None
-                self._progress = {"ablate.iteration": f"{step}/{self.iterations}", "ablate.eta": duration(eta)}
+            if self._origin is not None:
+                start, since, iterations = self._origin
+                eta = (iterations - step) * (now - since) / (step - start) if step > start else None
+                self._progress = {"ablate.iteration": f"{step}/{iterations}", "ablate.eta": duration(eta)}
 
     def _start(self) -> bool:
         if self._started:
@@ -363,6 +366,12 @@ class Tracker:
 
     def end_grid(self, run_id: str, counts: dict[str, int]) -> None:
         self.client.set_terminated(run_id, "FINISHED" if counts.get("error", 0) == 0 else "FAILED")
+
+    def tag_run(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+        items = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, tags=items[i:i + 100])
 
     # ------------------------------------------------------------------------------------- child runs
     def start_trial(self, name: str, grid_id: str, parent_run_id: str, trial: dict[str, Any],

@@ -124,3 +124,12 @@ def test_trial_config_round_trips_with_the_same_key():
                                                              "exclusive_gate-b-6"]})):
         again = TrialConfig.model_validate_json(trial.config.model_dump_json())
         assert again == trial.config and again.key() == trial.key
+
+
+def test_a_grid_precision_sets_every_variant_recipe():
+    spec = load_grid({**BASE, "precision": "bf16", "variants": ["original", {"name": "own", "from": "full_preact",
+                                                                              "recipe": {"base": "smoke"}}]})
+    assert {t.config.recipe.precision for t in expand_grid(spec)} == {"bf16"}
+    assert {t.config.recipe.precision for t in expand_grid(load_grid(BASE))} == {"auto"}
+    with pytest.raises(GridError, match="precision"):
+        load_grid({**BASE, "precision": "fp16"})

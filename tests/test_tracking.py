@@ -62,8 +62,8 @@ def test_a_sink_finds_its_scheduled_run_starts_it_and_shows_progress(mlflow_serv
 
     inputs = dataset_inputs(grid_trial.config, None)
     assert [i["context"] for i in inputs] == ["train", "test"] and inputs[0]["name"] == "synthetic[:256]"
-    sink = MlflowSink(mlflow_server.uri, None, flush_every=0.05, iterations=40, inputs=inputs,
-                      find=("live-t", trial["key"]))
+    sink = MlflowSink(mlflow_server.uri, None, flush_every=0.05, inputs=inputs, find=("live-t", trial["key"]))
+    sink.begin(0, 40)
     sink.log({"train_loss": 2.0}, step=10)
     assert wait_for(lambda: client.get_run(run_id).info.status == "RUNNING", 30)
     sink.log({"train_loss": 1.5, "test_error": 60.0}, step=20)
