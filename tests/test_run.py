@@ -280,9 +280,12 @@ def test_fused_seed_groups_run_as_one_task_with_per_seed_records_and_runs(ablate
     for t in trials:
         # tests/test_fused.py pins the tolerance tightly; here: the same numbers up to float reordering.
         for f, a in zip(t["result"]["history"], alone[t["key"]]["history"], strict=True):
-            assert (f["step"], f["lr"]) == (a["step"], a["lr"])
-            assert f["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
-            assert abs(f["test_error"] - a["test_error"]) <= 1.0
+            # Entries hold training metrics at log steps and test metrics at evaluations, alike for both.
+            assert (f.keys(), f["step"], f.get("lr")) == (a.keys(), a["step"], a.get("lr"))
+            if "train_loss" in f:
+                assert f["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+            if "test_error" in f:
+                assert abs(f["test_error"] - a["test_error"]) <= 1.0
 
 
 def test_a_child_run_left_unsaved_by_a_killed_driver_is_adopted_not_duplicated(ablate_home, local_ray,

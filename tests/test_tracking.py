@@ -42,7 +42,7 @@ def test_a_sink_whose_server_is_gone_is_not_delivered():
     assert not sink.delivered(history(10))
 
 
-def one_trial(name="live-t"):
+def one_trial(name="sink-live-t"):
     from orchestrator.grids import expand_grid, load_grid
     t = expand_grid(load_grid({"name": name, "dataset": "synthetic", "subset": 256, "recipe": "smoke", "depths": [8],
                                "block": "basic", "width": 4, "variants": ["original"], "seeds": 1}))[0]
@@ -53,8 +53,9 @@ def test_a_sink_finds_its_scheduled_run_starts_it_and_shows_progress(mlflow_serv
     """The worker's side of a child run: SCHEDULED until the sink starts it, then RUNNING with the dataset
     inputs, live points, iteration and ETA; the sink finds the run by trial key when the task had no id."""
     tracker, (grid_trial, trial) = Tracker(mlflow_server.uri), one_trial()
-    parent = tracker.start_grid("live-t", "live-t-0")
-    run_id = tracker.start_trial("live-t", "live-t-0", parent, trial, grid_trial.config.model_dump(mode="json"))
+    parent = tracker.start_grid("sink-live-t", "sink-live-t-0")
+    run_id = tracker.start_trial("sink-live-t", "sink-live-t-0", parent, trial,
+                                 grid_trial.config.model_dump(mode="json"))
     client = MlflowClient(mlflow_server.uri)
     run = client.get_run(run_id)
     assert (run.info.status, run.data.tags["ablate.status"]) == ("SCHEDULED", "queued")
@@ -62,7 +63,7 @@ def test_a_sink_finds_its_scheduled_run_starts_it_and_shows_progress(mlflow_serv
 
     inputs = dataset_inputs(grid_trial.config, None)
     assert [i["context"] for i in inputs] == ["train", "test"] and inputs[0]["name"] == "synthetic[:256]"
-    sink = MlflowSink(mlflow_server.uri, None, flush_every=0.05, inputs=inputs, find=("live-t", trial["key"]))
+    sink = MlflowSink(mlflow_server.uri, None, flush_every=0.05, inputs=inputs, find=("sink-live-t", trial["key"]))
     sink.begin(0, 40)
     sink.log({"train_loss": 2.0}, step=10)
     assert wait_for(lambda: client.get_run(run_id).info.status == "RUNNING", 30)
