@@ -197,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> Any:
         print(f"interrupted: the grid stays resumable; run `ablate run {args.grid}` again", file=sys.stderr)
         raise SystemExit(130) from exc
     out["comparison"] = comparison(store, out["grid"])
-    print(f"MLflow: {ui_command(out['tracking_uri'])}", file=sys.stderr)
+    print(f"MLflow: {ui_command(out['tracking_uri'], out.get('mlflow_experiment_id'))}", file=sys.stderr)
     ended_well = sum(out["counts"][s] for s in MEASURED) == out["trials"]
     out["exit_code"] = 0 if ended_well else 1
     return out

@@ -42,7 +42,10 @@ def _affordable(config: dict) -> bool:
     return model["depth"] <= PROBE_MAX_DEPTH and model["depth"] * model["width"] ** 2 <= PROBE_MAX_WORK
 
 
-def grid_report(store: BaseStateStore, grid_id: str, mlflow_url: str | None = None) -> str:
+def grid_report(store: BaseStateStore, grid_id: str, mlflow_url: str | None = None, with_probes: bool = True,
+                doc: dict | None = None) -> str:
+    """The report; without `with_probes`, no propagation section (and no torch: the grid driver renders it so);
+    `doc`: the grid's comparison when the caller has it already."""
     from dashboards.report import render_report  # matplotlib
     spec = grid_spec(store, grid_id)
     trials = store.grid_trials(grid_id)
@@ -53,7 +56,8 @@ def grid_report(store: BaseStateStore, grid_id: str, mlflow_url: str | None = No
         rows.append({k: t[k] for k in ("key", "dataset", "depth", "variant", "seed", "status", "test_error",
                                        "mlflow_run_id")} | {"history": result.get("history", [])})
         cell = (t["depth"], t["variant"])
-        if cell not in probed and len(probed) < PROBE_MAX_CELLS and _affordable(config := json.loads(t["config"])):
+        if (with_probes and cell not in probed and len(probed) < PROBE_MAX_CELLS
+                and _affordable(config := json.loads(t["config"]))):
             probed.add(cell)
             # Normalise the seed away: the probe depends on the architecture, not the trial's seed.
             probe = _probe(json.dumps({**config, "seed": 0}, sort_keys=True))
@@ -62,4 +66,4 @@ def grid_report(store: BaseStateStore, grid_id: str, mlflow_url: str | None = No
     grid = {"id": grid_id, "name": spec.name, "counts": grid_status(store, grid_id),
             "spec": spec.model_dump(mode="json", by_alias=True)}
     with _RENDER_LOCK:
-        return render_report(comparison(store, grid_id), rows, grid, probes, mlflow_url)
+        return render_report(doc or comparison(store, grid_id), rows, grid, probes, mlflow_url)

@@ -27,39 +27,56 @@ from workers.sinks import NullSink
 from .cluster import ensure_ray
 from .grids import GridError, GridSpec, GridTrial, expand_grid
 from .state import STALE_AFTER_S, StateStore, ablate_home
-from .tracking import MlflowSink, Tracker
+from .tracking import SYSTEM_METRICS_EVERY_S, MlflowSink, Tracker, dataset_inputs
 
 HEARTBEAT_EVERY_S = STALE_AFTER_S / 4
 CANCEL_CHECK_S = 1.0  # how often the loop asks the store whether the grid was cancelled
 QUEUE_SLACK_S = 600.0
 POLL_S = 0.2
-RUN_WAIT_S = 2.0  # how long a submission waits for its MLflow child run before going without live metrics
 LIVE_KEY = "_mlflow_live_run"  # set by a trial whose sink delivered every metric; never stored
+PARENT_EVERY_S = 10.0  # the parent run's progress and ETA are refreshed this often while the grid runs
+# ... and its comparison (table, cell metrics, report: a second or two of the driver's CPU) at most this
+# often, when trials ended since; always at the end.
+COMPARISON_EVERY_S = 30.0
+_PARENT_LOCK = threading.Lock()  # one parent run per grid name among this process's runners (the service)
 
 
 def checkpoint_root() -> Path:
     return Path(os.environ.get("ABLATE_CHECKPOINT_DIR") or ablate_home() / "checkpoints").resolve()
 
 
+def _live_sink(task: dict[str, Any], inputs: list[dict]) -> MlflowSink | None:
+    """The sink that starts a task's child run and streams to it: the task's run, or the one the driver makes
+    for it meanwhile (found by trial key); none for a task without MLflow."""
+    if not task.get("tracking_uri"):
+        return None
+    return MlflowSink(task["tracking_uri"], task.get("run_id"), inputs=inputs,
+                      system_metrics_s=task.get("system_metrics_s", SYSTEM_METRICS_EVERY_S),
+                      find=(task["experiment"], task["key"]) if task.get("key") else None)
+
+
 def execute_trial(task: dict[str, Any]) -> dict[str, Any]:
-    """The Ray task body: one trial, metrics streamed to its MLflow child run when there is one."""
+    """The Ray task body: one trial, streamed live to its MLflow child run when there is one."""
     return execute_group([task])[0]
 
 
 def execute_group(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The Ray task body: the seeds of one cell (one, or a `fuse_seeds` group) trained by the one loop
-    (workers/trainer.py); checkpoints, results and MLflow runs stay per seed."""
+    (workers/trainer.py); checkpoints, results and MLflow runs stay per seed. The dataset inputs go into
+    each result too: the record the driver syncs the run from."""
     from workers.trainer import TrialConfig, run_trials
-    sinks = [MlflowSink(t["tracking_uri"], t["run_id"]) if t.get("run_id") else None for t in tasks]
+    configs = [TrialConfig.model_validate_json(t["config"]) for t in tasks]
     first = tasks[0]
-    results = run_trials([TrialConfig.model_validate_json(t["config"]) for t in tasks],
-                         checkpoint_dirs=[t["checkpoint_dir"] for t in tasks],
+    inputs = dataset_inputs(configs[0], first.get("data_dir"))  # the seeds of a cell share their data
+    sinks = [_live_sink(t, inputs) for t in tasks]
+    results = run_trials(configs, checkpoint_dirs=[t["checkpoint_dir"] for t in tasks],
                          sinks=[s or NullSink() for s in sinks], threads=first["threads"], device=first["device"],
                          data_dir=first.get("data_dir"), time_limit_s=first.get("timeout_s"))
-    for task, sink, result in zip(tasks, sinks, results):
+    for sink, result in zip(sinks, results):
+        result["inputs"] = inputs
         if sink is not None and sink.delivered(result):
             # The live run already holds the whole history: the driver's sync need not read it back.
-            result[LIVE_KEY] = task["run_id"]
+            result[LIVE_KEY] = sink.run_id
     return results
 
 
@@ -77,30 +94,71 @@ class GridRunner:
         self.data_dir = data_dir
         self.share = share  # how many grids share the cluster now: each gets that fraction of the slots
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        # Syncing ended trials to MLflow happens off the scheduling loop, one call at a time.
+        # Every MLflow call of the driver happens off the scheduling loop, on this thread, one at a time.
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-sync")
-        self._parent_lock = threading.Lock()
+        # Trials sample system metrics at the driver's MLflow setting, wherever their workers started.
+        self.system_metrics_s = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+                                      or SYSTEM_METRICS_EVERY_S)
         self._prepared: dict[str, Future] = {}
         self._orphans: dict[str, str] = {}  # trial key → a child run a killed driver created but never saved
+        self._children: set[str] = set()  # run ids under this grid's parent run (the rest were reused)
+        self._children_known = False  # `_children` read from MLflow for this run
+        self._shown_state: str | None = None  # the parent's state when this run began, if it showed this grid
+        self._ended_at_open: dict[str, int] = {}
+        self._parent_next, self._parent_job = 0.0, None  # the next parent refresh, the last one queued
+        self._compared: tuple[float, dict | None] = (float("-inf"), None)  # when, at which ended counts
+        self._eta_origin = (time.time(), 0)  # this run's start and the trials ended by then
 
     # ------------------------------------------------------------------------------------------ mlflow
     def _parent_run(self, spec: GridSpec, grid_id: str) -> str | None:
-        with self._parent_lock:
-            return self._parent_run_locked(spec, grid_id)
+        """The parent run of the grid's name, which every grid of that name shares; made on first need."""
+        with _PARENT_LOCK:
+            parent = self.store.grid_run(grid_id)
+            if parent is not None:
+                return parent
+            try:
+                parent = self.tracker.start_grid(spec.name, grid_id)
+            except Exception as exc:
+                print(f"ablate: MLflow unreachable ({_first_line(exc)}); runs will be logged later", file=sys.stderr)
+                return None
+            self.store.set_grid_run(grid_id, parent)
+            return parent
 
-    def _parent_run_locked(self, spec: GridSpec, grid_id: str) -> str | None:
-        row = self.store.grid(grid_id)
-        if row.mlflow_run_id:
-            return row.mlflow_run_id
+    def _open_parent(self, spec: GridSpec, grid_id: str, reused: int) -> None:
+        """Start of a run: this runner's MLflow bookkeeping reset, and as the first MLflow job the parent
+        reopened, its child runs known and its progress shown."""
+        now = time.time()
+        self._orphans, self._children, self._children_known, self._shown_state = {}, set(), False, None
+        self._ended_at_open = _ended(self.store.counts(grid_id))
+        # The first comparison after COMPARISON_EVERY_S: the first child runs are made before it.
+        self._compared, self._eta_origin, self._parent_next = (now, None), (now, reused), now + PARENT_EVERY_S
+
+        def job() -> None:
+            if self._know_children(spec, grid_id):
+                self._refresh_parent(spec, grid_id)
+        self._parent_job = self._syncer.submit(job)
+
+    def _know_children(self, spec: GridSpec, grid_id: str) -> bool:
+        """The parent running again and its child runs known (those a killed driver created but never saved
+        are adopted, not made twice); False while MLflow is unreachable."""
+        parent = self._parent_run(spec, grid_id)
+        if parent is None:
+            return False
         try:
-            run_id = self.tracker.start_grid(spec.name, grid_id, spec.model_dump(mode="json", by_alias=True))
-        except Exception as exc:
-            print(f"ablate: MLflow unreachable ({_first_line(exc)}); runs will be logged later", file=sys.stderr)
-            return None
-        self.store.set_grid_run(grid_id, run_id)
-        return run_id
+            before = self.tracker.reopen_grid(parent)
+            children = self.tracker.child_runs(spec.name, parent)
+        except Exception:
+            return False
+        if before.get("ablate.grid") == grid_id:
+            self._shown_state = before.get("ablate.state")
+        held = {t["mlflow_run_id"] for t in self.store.grid_trials(grid_id)}
+        self._children |= set(children.values())
+        self._orphans = {key: run for key, run in children.items() if run not in held}
+        self._children_known = True
+        return True
 
     def _child_run(self, spec: GridSpec, grid_id: str, trial: dict[str, Any]) -> str | None:
+        """The trial's child run; made under this grid's parent when the trial has none yet."""
         if trial.get("mlflow_run_id"):
             return trial["mlflow_run_id"]
         parent = self._parent_run(spec, grid_id)
@@ -108,22 +166,44 @@ class GridRunner:
             return None
         try:
             # A driver killed between creating a run and saving its id left it behind: adopt it.
-            run_id = self._orphans.pop(trial["key"], None) or self.tracker.start_trial(
+            made = self._orphans.pop(trial["key"], None) or self.tracker.start_trial(
                 spec.name, grid_id, parent, trial, json.loads(trial["config"]))
         except Exception:
             return None
-        self.store.set_trial_run(grid_id, trial["key"], run_id=run_id)
+        run_id = self.store.set_trial_run(trial["key"], made)
+        if run_id == made:
+            self._children.add(run_id)
+        else:  # another grid's driver gave the trial its run meanwhile: link to that one
+            try:
+                self.tracker.discard(made)
+            except Exception:
+                pass  # left as a stray run; nothing refers to it
         trial["mlflow_run_id"] = run_id
         return run_id
 
     def _prepare_run(self, spec: GridSpec, grid_id: str, key: str) -> Future:
-        """Create a trial's child run on the MLflow thread ahead of its submission (idempotent)."""
+        """Ready a trial's child run on the MLflow thread ahead of its submission (idempotent): made SCHEDULED,
+        or, held from an earlier attempt, SCHEDULED again."""
         if key not in self._prepared:
-            def create() -> str | None:
+            def prepare() -> str | None:
                 trials = self.store.grid_trials(grid_id, {key})
-                return self._child_run(spec, grid_id, trials[0]) if trials else None
-            self._prepared[key] = self._syncer.submit(create)
+                if not trials:
+                    return None
+                if trials[0]["mlflow_run_id"]:
+                    try:
+                        self.tracker.schedule(trials[0]["mlflow_run_id"])
+                    except Exception:
+                        pass  # its worker sets it running all the same
+                return self._child_run(spec, grid_id, trials[0])
+            self._prepared[key] = self._syncer.submit(prepare)
         return self._prepared[key]
+
+    def _run_for_task(self, spec: GridSpec, grid_id: str, key: str) -> dict[str, Any]:
+        """What a trial's task needs to stream to its child run, without waiting on MLflow: the run when it is
+        ready, else where its worker's sink finds it once the MLflow thread has made it."""
+        ready = self._prepare_run(spec, grid_id, key)
+        return {"tracking_uri": self.tracker.uri, "experiment": spec.name, "key": key,
+                "run_id": ready.result() if ready.done() else None, "system_metrics_s": self.system_metrics_s}
 
     def sync_mlflow(self, spec: GridSpec, grid_id: str, keys: set[str] | None = None,
                     live: dict[str, str] | None = None) -> int:
@@ -141,11 +221,68 @@ class GridRunner:
                     raise ConnectionError("no run")
                 result = trial["result"] or {"history": []}
                 self.tracker.sync(run_id, result, trial["status"], str(checkpoint_root() / trial["key"]),
-                                  delivered=(live or {}).get(trial["key"]) == run_id)
-                self.store.set_trial_run(grid_id, trial["key"], synced=True)
+                                  delivered=(live or {}).get(trial["key"]) == run_id,
+                                  iterations=json.loads(trial["config"])["recipe"]["iterations"])
+                self.store.set_trial_synced(trial["key"])
             except Exception:
                 pending += 1
         return pending
+
+    def _eta(self, counts: dict[str, int]) -> float | None:
+        """Seconds until the grid ends at this run's pace so far (None before its first trial ended)."""
+        started, ended_then = self._eta_origin
+        ended = sum(_ended(counts).values())
+        left = counts["queued"] + counts["running"]
+        if not left:
+            return 0.0
+        return left * (time.time() - started) / (ended - ended_then) if ended > ended_then else None
+
+    def _refresh_parent(self, spec: GridSpec, grid_id: str, full: bool | None = None,
+                        state: str | None = None) -> bool:
+        """Bring the parent run up to the grid (on the MLflow thread): progress and ETA each time; the
+        comparison, its tables and the report when `full`, by default when trials ended since it was last
+        logged (at most every COMPARISON_EVERY_S). False when MLflow did not take it."""
+        from . import parent_view
+        if not self._children_known and not self._know_children(spec, grid_id):
+            return False
+        parent = self._parent_run(spec, grid_id)
+        now, counts = time.time(), self.store.counts(grid_id)
+        ended = _ended(counts)
+        if full is None:
+            full = ended != self._compared[1] and now - self._compared[0] >= COMPARISON_EVERY_S
+        try:
+            view = parent_view.build(self.store, spec, grid_id, parent, children=self._children,
+                                     eta_s=self._eta(counts), full=full, state=state, mlflow_url=self.tracker.ui_base)
+            self.tracker.update_grid(parent, view)
+        except Exception:
+            return False
+        if full:
+            self._compared = (now, ended)
+        return True
+
+    def _tick_parent(self, spec: GridSpec, grid_id: str, now: float) -> None:
+        """From the scheduling loop: queue a parent refresh every PARENT_EVERY_S, unless the last one still
+        waits (a slow server never piles them up)."""
+        if now >= self._parent_next and (self._parent_job is None or self._parent_job.done()):
+            self._parent_next = now + PARENT_EVERY_S
+            self._parent_job = self._syncer.submit(self._refresh_parent, spec, grid_id)
+
+    def _end_parent(self, spec: GridSpec, grid_id: str, counts: dict[str, int], terminate: bool) -> bool:
+        """The run's last word on the parent: the final comparison and report, then terminated unless runs are
+        unsynced. A run that ended no trial, on a parent that showed this grid ended already, only restores its
+        state: running a finished grid again stays quick."""
+        if _ended(counts) == self._ended_at_open and self._shown_state in ("finished", "decided"):
+            shown = self._refresh_parent(spec, grid_id, full=False, state=self._shown_state)
+        else:
+            shown = self._refresh_parent(spec, grid_id, full=True)
+        if not shown:
+            return False
+        if terminate:
+            try:
+                self.tracker.end_grid(self.store.grid_run(grid_id), counts)
+            except Exception:
+                return False
+        return True
 
     # -------------------------------------------------------------------------------------------- run
     def submit(self, spec: GridSpec, extra: list[GridTrial] = ()) -> str:
@@ -164,7 +301,8 @@ class GridRunner:
         grid_id = self.submit(spec, extra)
         rows = {t["key"]: t for t in self.store.grid_trials(grid_id)}
         reused = sum(1 for t in rows.values() if t["status"] in MEASURED)
-        self._open_mlflow(spec, grid_id, rows)
+        self._prepared.clear()
+        self._open_parent(spec, grid_id, reused)
         ensure_ray()
         grid = _GridPass(self, spec, grid_id, rows)
         beat, cancel_check = _Every(HEARTBEAT_EVERY_S), _Every(CANCEL_CHECK_S)
@@ -182,6 +320,7 @@ class GridRunner:
                 if cancel_check.due(now):
                     grid.stop_if_cancelled()
                 display.tick(now)
+                self._tick_parent(spec, grid_id, now)
         except KeyboardInterrupt:
             interrupted = True
             grid.hand_back("queued")
@@ -190,44 +329,30 @@ class GridRunner:
 
         counts = self.store.counts(grid_id)
         unsynced, parent = self._close_mlflow(spec, grid_id, counts, 0 if interrupted else sync_timeout_s,
-                                              end=not interrupted)
+                                              interrupted)
         if interrupted:
             raise GridInterrupted(grid_id)
         return {"grid": grid_id, "name": spec.name, "trials": len(rows), "executed": grid.executed,
                 "reused": reused, "cancelled": grid.cancelled, "counts": counts, "mlflow_unsynced": unsynced,
-                "tracking_uri": self.tracker.uri, "mlflow_run_id": parent}
-
-    def _open_mlflow(self, spec: GridSpec, grid_id: str, rows: dict[str, dict[str, Any]]) -> None:
-        """Start of a run: the parent run made as the MLflow thread's first job, or, when it exists, child
-        runs a killed driver created but never saved found for adoption."""
-        parent = self.store.grid(grid_id).mlflow_run_id
-        self._orphans = {}
-        self._prepared.clear()
-        if parent is None:
-            self._syncer.submit(self._parent_run, spec, grid_id)
-        elif any(not t["mlflow_run_id"] for t in rows.values()):
-            try:
-                known = {t["mlflow_run_id"] for t in rows.values()}
-                self._orphans = {k: r for k, r in self.tracker.child_runs(spec.name, parent).items() if r not in known}
-            except Exception:
-                pass  # MLflow unreachable: nothing to adopt now
+                "tracking_uri": self.tracker.uri, "mlflow_run_id": parent,
+                "mlflow_experiment_id": self.tracker.known_experiment(spec.name)}
 
     def _close_mlflow(self, spec: GridSpec, grid_id: str, counts: dict[str, int], sync_timeout_s: float,
-                      end: bool) -> tuple[int, str | None]:
-        """End of a run: ended trials synced, trying again for up to `sync_timeout_s`, then, when `end` and
-        every run is synced, the parent run ended. Returns how many runs stay unsynced, and the parent run."""
+                      interrupted: bool) -> tuple[int, str | None]:
+        """End of a run: ended trials synced, trying again for up to `sync_timeout_s`, then the parent's last
+        word: its final comparison and report, and terminated when every run is synced (an interrupted run
+        only says so). Returns how many runs stay unsynced, and the parent run."""
         self._syncer.submit(lambda: None).result()  # drain the per-trial syncs queued so far
         deadline = time.time() + sync_timeout_s
         unsynced = self.sync_mlflow(spec, grid_id)
         while unsynced and time.time() < deadline:
             time.sleep(2.0)
             unsynced = self.sync_mlflow(spec, grid_id)
-        parent = self.store.grid(grid_id).mlflow_run_id
-        if parent and end and not unsynced:
-            try:
-                self.tracker.end_grid(parent, counts)
-            except Exception:
-                unsynced += 1
+        parent = self.store.grid_run(grid_id)
+        if parent and interrupted:
+            self._refresh_parent(spec, grid_id, full=False, state="interrupted")
+        elif parent and not self._end_parent(spec, grid_id, counts, terminate=not unsynced):
+            unsynced += 1
         return unsynced, parent
 
 
@@ -254,8 +379,7 @@ class _GridPass:
         total = ray.cluster_resources()
         self.slots = max(1, int(min(total.get("CPU", 1) / cpu, total.get("GPU", 0) / gpu if gpu else float("inf"))))
         self.task_fields = {"threads": max(1, int(cpu)), "device": "cuda" if gpu > 0 else "cpu",
-                            "data_dir": spec.data_dir or runner.data_dir, "tracking_uri": runner.tracker.uri,
-                            "timeout_s": spec.timeout_s}
+                            "data_dir": spec.data_dir or runner.data_dir, "timeout_s": spec.timeout_s}
         # Each attempt enforces its own time limit; this backstop only catches a task that never reports
         # back (queueing and Ray's retries after node loss are allowed for).
         self.backstop_s = spec.timeout_s * (spec.max_retries + 1) + QUEUE_SLACK_S if spec.timeout_s else None
@@ -289,13 +413,9 @@ class _GridPass:
         return claimed
 
     def _task(self, key: str) -> dict[str, Any]:
-        """What a Ray task needs to train one trial, its MLflow child run included when ready in time."""
-        try:
-            run_id = self.runner._prepare_run(self.spec, self.grid_id, key).result(timeout=RUN_WAIT_S)
-        except Exception:
-            run_id = None  # MLflow slow or down: the sync logs this trial's metrics at its end
+        """What a Ray task needs to train one trial, with where its MLflow child run is (never waited for)."""
         return {"config": self.rows[key]["config"], "checkpoint_dir": str(checkpoint_root() / key),
-                **self.task_fields, "run_id": run_id}
+                **self.task_fields, **self.runner._run_for_task(self.spec, self.grid_id, key)}
 
     def ended(self) -> list[Any]:
         """Tasks that ended: wake on the first to end (or after POLL_S), then take every other one ready by then."""
@@ -337,6 +457,7 @@ class _GridPass:
         for key in keys:
             if self.store.fail(key, self.owner, error, retries) == "queued":
                 self.todo.append(key)
+                self.runner._prepared.pop(key, None)  # prepared again: its child run SCHEDULED again
             else:
                 self.runner._syncer.submit(self.runner.sync_mlflow, self.spec, self.grid_id, {key})
 
@@ -405,6 +526,10 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return (text[-1] if text else type(exc).__name__)[:limit]
 
 
+def _ended(counts: dict[str, int]) -> dict[str, int]:
+    return {s: counts[s] for s in ENDED}
+
+
 def _next_group(todo: list[str], rows: dict[str, dict[str, Any]], size: int) -> list[str]:
     """Take the next trial from `todo` and, up to `size` in all, later ones that differ from it only in seed."""
     first = todo.pop(0)
@@ -457,11 +582,11 @@ class _Progress:
             self._draw()
 
     def _draw(self) -> None:
+        from .parent_view import progress_line
         counts = self.counts()
-        done = counts["finished"] + counts["diverged"]
-        text = (f"{done}/{self.total} done · {counts['running']} running · {counts['queued']} queued"
-                + (f" · {counts['error']} error" if counts["error"] else ""))
-        self.bar.update(self.task, completed=done + counts["error"] + counts["cancelled"], description=text)
+        done = sum(counts[s] for s in MEASURED)
+        self.bar.update(self.task, completed=done + counts["error"] + counts["cancelled"],
+                        description=progress_line(counts))
 
     def close(self) -> None:
         if self.enabled:

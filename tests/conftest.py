@@ -56,7 +56,11 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=log, stderr=log, start_new_session=True)
-        wait_http(f"{self.uri}/health", proc=self.proc)
+        try:
+            wait_http(f"{self.uri}/health", timeout=180, proc=self.proc)
+        except (TimeoutError, RuntimeError):
+            self.stop()  # never leave a server behind a failed start (a busy machine can take minutes)
+            raise
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -251,6 +251,28 @@ def test_results_table_order_does_not_depend_on_registration_order(store):
     assert {r["status"] for r in table} == {"finished"}
 
 
+def test_mlflow_runs_belong_to_trials_and_parents_to_grid_names(store):
+    """One child run per trial whichever grid runs it (the first saved wins); one parent per grid name."""
+    grid_a, trials = registered(store)
+    grid_b, _ = registered(store, {**GRID, "seeds": 3})  # the same name, grown: another grid id
+    grid_c, _ = registered(store, {**GRID, "name": "h"})
+    key = trials[0].key
+    assert store.set_trial_run(key, "run-1") == "run-1"
+    assert store.set_trial_run(key, "run-2") == "run-1"  # a second driver's run loses
+    assert {t["mlflow_run_id"] for t in store.grid_trials(grid_c) if t["key"] == key} == {"run-1"}
+
+    assert store.grid_run(grid_a) is None
+    store.set_grid_run(grid_a, "parent-g")
+    assert store.grid_run(grid_b) == "parent-g" and store.grid_run(grid_c) is None
+    assert store.run_grids("parent-g") == [grid_a, grid_b]
+
+    # An errored trial queued again by a new registration is synced again when it ends.
+    store.set_trial_synced(key)
+    assert store.claim(key, "a") and store.fail(key, "a", "boom", max_retries=0) == "error"
+    registered(store)
+    assert [t["mlflow_synced"] for t in store.grid_trials(grid_a) if t["key"] == key] == [False]
+
+
 def test_tuned_recipes_are_saved_and_replaced(store):
     record = {"name": "mine", "study": "mine", "trial": 4, "value": 3.5, "recipe": {"lr": 0.03},
               "params": {"lr": 0.03}, "spec": {"dataset": "synthetic"}}

@@ -75,12 +75,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, subset: i
         raise DataError(f"unknown dataset {excerpt(name)}; choose one of: {', '.join(DATASET_SHAPES)}")
     if not 0.0 <= validation < 1.0:
         raise DataError(f"validation must be a fraction in [0, 1), got {excerpt(validation)}")
-    if name == "synthetic":
-        folder = None
-    else:
-        found = fashion_mnist_dir(data_dir) if name == "fashion-mnist" else _cifar_dir(name, data_dir)
-        folder = str(found.resolve())  # absolute, so a relative root read from two working dirs cannot collide
-    train_x, train_y, test_x, test_y = _load_arrays(name, folder)
+    folder = dataset_folder(name, data_dir)
+    train_x, train_y, test_x, test_y = _load_arrays(name, None if folder is None else str(folder))
 
     n = len(train_x)
     if subset is not None:
@@ -107,6 +103,14 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, subset: i
     return Dataset(name=name, train=train, test=_split(test_x.copy(), test_y.copy()), val=val,
                    num_classes=classes, in_channels=channels, image_size=size,
                    mean=torch.from_numpy(mean.astype(np.float32)))
+
+
+def dataset_folder(name: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
+    """The absolute folder a dataset's files are read from (None for `synthetic`, which is generated);
+    absolute, so a relative root read from two working directories cannot collide in the cache."""
+    if name == "synthetic":
+        return None
+    return (fashion_mnist_dir(data_dir) if name == "fashion-mnist" else _cifar_dir(name, data_dir)).resolve()
 
 
 def _split(x: np.ndarray, y: np.ndarray) -> Split:
