@@ -263,7 +263,7 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
                     model = make_spec(**{**shared, **fields, "depth": depth, "in_channels": channels,
                                          "num_classes": classes})
                 except SpecError as exc:
-                    raise GridError(f"variants.{name} at depth {depth}: {exc}") from None
+                    raise GridError(f"variants.{name} at depth {excerpt(depth)}: {exc}") from None
                 for seed in seeds:
                     config = TrialConfig(model=model, dataset=dataset, subset=spec.subset, recipe=recipes[name],
                                          seed=seed)

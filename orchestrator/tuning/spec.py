@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ablations.spec import CatalogueVariant, load_yaml, validate_mapping, variant_fields
-from ablations.vocabulary import DataDir, DatasetName
+from ablations.vocabulary import DataDir, DatasetName, excerpt
 
 from ..grids import NAME_PATTERN, Resources, VariantSpec
 
