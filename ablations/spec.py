@@ -8,21 +8,34 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, NoReturn, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 # Activation placements of Fig. 4 (a)-(e).
 UNITS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
 # Shortcut types of Fig. 2 (a)-(f).
 SHORTCUTS = ("identity", "scale", "exclusive_gate", "shortcut_gate", "conv1x1", "dropout")
-BLOCKS = ("basic", "bottleneck")
+# `single`: one 3×3 convolution in F, the "1-layer skip" ResNet-110 of Table 3.
+BLOCKS = ("basic", "bottleneck", "single")
 # Depths named by the papers, with the block they used: He et al. 2015 (basic) and 2016 (bottleneck).
 PAPER_DEPTHS = {20: "basic", 32: "basic", 44: "basic", 56: "basic", 110: "basic", 1202: "basic",
                 164: "bottleneck", 1001: "bottleneck"}
-# Convolutions per unit and the depth formula's multiplier: basic 6n+2, bottleneck 9n+2.
-LAYERS_PER_UNIT = {"basic": 2, "bottleneck": 3}
+# Convolutions per unit and the depth formula's multiplier: single 3n+2, basic 6n+2, bottleneck 9n+2.
+LAYERS_PER_UNIT = {"basic": 2, "bottleneck": 3, "single": 1}
+# Network plans. `cifar`: conv3×3 stem, three stages of n units (He et al. 2015, §4.2). `imagenet`: conv7×7/2
+# stem and 3×3/2 max-pool, four stages whose unit counts a table of depths gives (He et al. 2015, Table 1;
+# fb.resnet.torch resnet.lua and preresnet.lua): depth → (block, units per stage).
+PLANS = ("cifar", "imagenet")
+IMAGENET_STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
+                   101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3)),
+                   200: ("bottleneck", (3, 24, 36, 3))}
 # Input channels, image size and classes per dataset: the stem and classifier follow the data.
 DATASET_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "fashion-mnist": (1, 28, 10),
-                  "synthetic": (3, 32, 10)}
+                  "synthetic": (3, 32, 10), "imagenet": (3, 224, 1000)}
+# The network plan each dataset takes (the rest take `cifar`).
+DATASET_PLANS = {"imagenet": "imagenet"}
+# Training-set sizes: an epoch-based recipe becomes iterations with these (ILSVRC-2012: 1,281,167 images).
+DATASET_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_000, "synthetic": 5_000,
+                 "imagenet": 1_281_167}
 
 # Fields that only mean something for one shortcut type; setting them elsewhere is a mistake.
 SHORTCUT_FIELDS = {"shortcut_scale": ("scale",), "residual_scale": ("scale",),
@@ -40,22 +53,30 @@ def _choice(field: str, value: str, choices) -> str:
 
 
 def units_per_stage(depth: int, block: str) -> int:
-    """n of the depth formula (6n+2 basic, 9n+2 bottleneck), or SpecError when the depth does not fit."""
+    """n of the depth formula (3n+2 single, 6n+2 basic, 9n+2 bottleneck), or SpecError when the depth does not fit."""
     per = 3 * LAYERS_PER_UNIT[block]
     if depth < per + 2 or (depth - 2) % per:
+        examples = [str(d) for d, b in PAPER_DEPTHS.items() if b == block] or ["110"]
         raise SpecError(f"depth {depth} does not fit block {block!r}: it must be {per}n+2 with n >= 1 "
-                        f"(e.g. {', '.join(str(d) for d, b in PAPER_DEPTHS.items() if b == block)})")
+                        f"(e.g. {', '.join(examples)})")
     return (depth - 2) // per
 
 
+def dataset_model_fields(dataset: str) -> dict[str, Any]:
+    """The model fields a dataset decides: input channels, classes and the network plan."""
+    channels, _, classes = DATASET_SHAPES[_choice("dataset", dataset, DATASET_SHAPES)]
+    return {"in_channels": channels, "num_classes": classes, "plan": DATASET_PLANS.get(dataset, "cifar")}
+
+
 class ModelSpec(BaseModel):
-    """One residual network: any placement × any shortcut × either block, at any fitting depth."""
+    """One residual network: any placement × any shortcut × any block, at any fitting depth, on either plan."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     depth: int = Field(ge=8, le=5000)
-    block: Literal["basic", "bottleneck"] | None = None
-    width: int = Field(16, ge=1, le=1024, description="stem width; stages are width × 1, 2, 4")
+    block: Literal["basic", "bottleneck", "single"] | None = None
+    width: int | None = Field(None, ge=1, le=1024, description="stem width (default 16 on the cifar plan, 64 on "
+                              "imagenet); stage inner widths are width × 1, 2, 4 (, 8)")
     unit: str = "original"
     shortcut: str = "identity"
     shortcut_scale: float = Field(1.0, ge=0.0, le=4.0, description="λ on h(x) (Fig. 2b)")
@@ -65,18 +86,29 @@ class ModelSpec(BaseModel):
     downsample: Literal["A", "B"] | None = None
     in_channels: int = Field(3, ge=1, le=64)
     num_classes: int = Field(10, ge=2, le=100000)
+    plan: Literal["cifar", "imagenet"] = Field("cifar", description="stem and stages; the dataset picks it")
 
     @model_validator(mode="after")
     def _resolve(self) -> "ModelSpec":
         _choice("unit", self.unit, UNITS)
         _choice("shortcut", self.shortcut, SHORTCUTS)
         block = self.block
-        if block is None:
+        if self.plan == "imagenet":
+            if self.depth not in IMAGENET_STAGES:
+                raise SpecError(f"depth {self.depth} has no ImageNet plan; choose one of: "
+                                f"{', '.join(f'{d} ({b})' for d, (b, _) in IMAGENET_STAGES.items())}")
+            planned = IMAGENET_STAGES[self.depth][0]
+            if block not in (None, planned):
+                raise SpecError(f"the ImageNet ResNet-{self.depth} uses block {planned!r}, not {block!r}")
+            block = planned
+        elif block is None:
             if self.depth not in PAPER_DEPTHS:
                 raise SpecError(f"depth {self.depth} is not one the papers name "
-                                f"({', '.join(map(str, PAPER_DEPTHS))}): say block 'basic' or 'bottleneck'")
+                                f"({', '.join(map(str, PAPER_DEPTHS))}): say block 'basic', 'bottleneck' or "
+                                f"'single'")
             block = PAPER_DEPTHS[self.depth]
-        units_per_stage(self.depth, block)
+        else:
+            units_per_stage(self.depth, block)
         for field, shortcuts in SHORTCUT_FIELDS.items():
             # Only a non-default value is a mistake: a dumped spec carries every field.
             changed = getattr(self, field) != type(self).model_fields[field].default
@@ -85,14 +117,29 @@ class ModelSpec(BaseModel):
                                 f"not {self.shortcut!r}")
         # Frozen model: resolved defaults are written through object.__setattr__ once, here.
         object.__setattr__(self, "block", block)
+        if self.width is None:
+            object.__setattr__(self, "width", 64 if self.plan == "imagenet" else 16)
         if self.downsample is None:
-            # A for basic (the original CIFAR ResNets), B for bottleneck (the pre-activation reference code).
-            object.__setattr__(self, "downsample", "A" if block == "basic" else "B")
+            # A for the CIFAR plan's single and basic blocks (the original CIFAR ResNets), B for bottlenecks
+            # (the pre-activation reference code) and on ImageNet (fb.resnet.torch's default there).
+            object.__setattr__(self, "downsample", "A" if self.plan == "cifar" and block != "bottleneck" else "B")
         return self
 
+    @model_serializer(mode="wrap")
+    def _omit_cifar_plan(self, handler) -> dict[str, Any]:
+        # `plan` came after the first trial keys were made: the CIFAR plan is left out of the dump, so every
+        # earlier configuration keeps its trial key and its checkpoints.
+        data = handler(self)
+        if data.get("plan") == "cifar":
+            del data["plan"]
+        return data
+
     @property
-    def n(self) -> int:
-        return units_per_stage(self.depth, self.block)
+    def stages(self) -> tuple[int, ...]:
+        """Units per stage: the ImageNet table's four, or the depth formula's n in each of three."""
+        if self.plan == "imagenet":
+            return IMAGENET_STAGES[self.depth][1]
+        return (units_per_stage(self.depth, self.block),) * 3
 
     @property
     def preact(self) -> bool:
@@ -167,13 +214,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shortcut_gate-b-6": dict(shortcut="shortcut_gate", gate_bias=-6.0),
     "conv1x1": dict(shortcut="conv1x1"),
     "dropout-0.5": dict(shortcut="dropout", dropout=0.5),
+    # Table 3: the "1-layer skip" ResNet-110, one 3×3 convolution in F (depth 3n+2), before and after.
+    "original-1layer": dict(unit="original", block="single"),
+    "full_preact-1layer": dict(unit="full_preact", block="single"),
 }
 FIGURES = {"original": "Fig. 2(a) / 4(a)", "bn_after_add": "Fig. 4(b)", "relu_before_add": "Fig. 4(c)",
            "relu_only_preact": "Fig. 4(d)", "full_preact": "Fig. 4(e)", "scale-0": "Fig. 2(b)",
            "scale-0.5": "Fig. 2(b)", "scale-0.5-0.5": "Fig. 2(b)", "exclusive_gate-b0": "Fig. 2(c)",
            "exclusive_gate-b-6": "Fig. 2(c)", "exclusive_gate-b-7": "Fig. 2(c)",
            "shortcut_gate-b0": "Fig. 2(d)", "shortcut_gate-b-6": "Fig. 2(d)", "conv1x1": "Fig. 2(e)",
-           "dropout-0.5": "Fig. 2(f)"}
+           "dropout-0.5": "Fig. 2(f)", "original-1layer": "Table 3 (1-layer skip)",
+           "full_preact-1layer": "Table 3 (1-layer skip)"}
 MODEL_FIELDS = tuple(name for name in ModelSpec.model_fields if name not in ("depth",))
 
 
