@@ -15,8 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ablations.paper import GRIDS
-from ablations.spec import (DATASET_SHAPES, MODEL_FIELDS, VARIANTS, SpecError, load_yaml, make_spec,
-                            validate_mapping, variant_fields)
+from ablations.spec import (DATASET_SHAPES, MODEL_FIELDS, VARIANTS, SpecError, dataset_model_fields, load_yaml,
+                            make_spec, validate_mapping, variant_fields)
 
 NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
 DEFAULT_MAX_TRIALS = 5000
@@ -246,8 +246,9 @@ def parse_grid_text(text: str) -> GridSpec:
 
 def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
                 max_trials: int | None = None) -> list[GridTrial]:
-    """Every (dataset, depth, variant, seed) as a resolved trial, checked before anything runs."""
-    from workers.recipes import RecipeError, resolve_recipe
+    """Every (dataset, depth, variant, seed) as a resolved trial, checked before anything runs. A recipe that
+    counts epochs resolves per dataset, over its training-set size (or `subset`)."""
+    from workers.recipes import RecipeError, resolve_recipe, training_size
     from workers.config import TrialConfig
 
     cap = max_trials or int(os.environ.get("ABLATE_MAX_TRIALS", DEFAULT_MAX_TRIALS))
@@ -257,28 +258,28 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
     if count > cap:
         raise GridError(f"the grid expands to {count} trials, more than the cap of {cap} (ABLATE_MAX_TRIALS)")
     recipes = {}
-    for name, recipe in spec.variant_recipes().items():
-        try:
-            recipes[name] = resolve_recipe(recipe, tuned=tuned)
-        except RecipeError as exc:
-            raise GridError(f"recipe: {exc}" if recipe is spec.recipe else f"variants.{name}.recipe: {exc}") from None
+    for dataset in spec.datasets:
+        for name, recipe in spec.variant_recipes().items():
+            try:
+                recipes[dataset, name] = resolve_recipe(recipe, tuned=tuned,
+                                                        train_size=training_size(dataset, spec.subset))
+            except RecipeError as exc:
+                raise GridError(f"recipe: {exc}" if recipe is spec.recipe else f"variants.{name}.recipe: {exc}") from None
     shared = {k: v for k, v in (("block", spec.block), ("width", spec.width)) if v is not None}
     trials = []
     for dataset in spec.datasets:
-        channels, _, classes = DATASET_SHAPES[dataset]
         for depth in spec.depths:
             for name, fields in variants.items():
                 unknown = set(fields) - set(MODEL_FIELDS)
                 if unknown:
                     raise GridError(f"variants.{name}: unknown model field {sorted(unknown)[0]!r}")
                 try:
-                    model = make_spec(**{**shared, **fields, "depth": depth, "in_channels": channels,
-                                         "num_classes": classes})
+                    model = make_spec(**{**shared, **fields, "depth": depth, **dataset_model_fields(dataset)})
                 except SpecError as exc:
                     raise GridError(f"variants.{name} at depth {depth}: {exc}") from None
                 for seed in seeds:
-                    config = TrialConfig(model=model, dataset=dataset, subset=spec.subset, recipe=recipes[name],
-                                         seed=seed)
+                    config = TrialConfig(model=model, dataset=dataset, subset=spec.subset,
+                                         recipe=recipes[dataset, name], seed=seed)
                     trials.append(GridTrial(dataset, depth, name, seed, config))
     return trials
 

@@ -262,10 +262,11 @@ def make_pruner(name: str, recipe):
 def _prepare(spec: TuneSpec, tuned: dict[str, dict[str, Any]]):
     """(base recipe, distributions, template TrialConfig): everything checked before a trial runs."""
     from ablations.spec import SpecError
-    from workers.recipes import RecipeError, resolve_recipe
+    from workers.recipes import RecipeError, resolve_recipe, training_size
     from workers.trainer import trial_config
     try:
-        base = resolve_recipe(spec.base, tuned=tuned)
+        base = resolve_recipe(spec.base, tuned=tuned,
+                              train_size=training_size(spec.dataset, spec.subset, spec.validation))
     except RecipeError as exc:
         raise TuneError(f"base: {exc}") from None
     space = search_space(spec, base)

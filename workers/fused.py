@@ -182,7 +182,7 @@ def run_fused(configs: list[TrialConfig], *, checkpoint_dirs: list[str | os.Path
 
     model = fused_model(spec, [seeds[i] for i in todo]).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay)
+                                weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
     start, resumed_from = 0, None
     histories: list[list[dict[str, Any]]] = [[] for _ in todo]
     windows = [[0.0, 0.0, 0] for _ in todo]

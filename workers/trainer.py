@@ -16,18 +16,19 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ablations import ModelSpec, build_model
-from ablations.spec import DATASET_SHAPES
+from ablations.spec import dataset_model_fields
 
 from .checkpoint import load_latest, prepare_dir, save_checkpoint
 from .config import TrialConfig
 from .data import DataError, Dataset, load_dataset
 from .recipes import Recipe
 from .sinks import MetricsSink, NullSink
+from .streams import STREAM_AUGMENT, STREAM_STEP, Batches
+from .streams import stream_seed as _stream_seed
 
 PAD = 4  # pad-4 random crop (He et al. 2016, CIFAR recipe)
 EVAL_BATCH = 1000
@@ -37,37 +38,10 @@ class TrialTimeout(RuntimeError):
     """The attempt ran past its time limit."""
 
 
-def _stream_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed for one named random stream."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-STREAM_ORDER, STREAM_AUGMENT, STREAM_STEP = 1, 2, 3
-
-
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class Batches:
-    """Training batches as index tensors: epoch e is a permutation drawn from (seed, e); the last partial
-    batch of an epoch is dropped so every step has the same size."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if n < batch_size:
-            raise DataError(f"the training set has {n} examples, fewer than one batch of {batch_size}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.per_epoch = n // batch_size
-        self._epoch, self._perm = -1, None
-
-    def indices(self, iteration: int) -> torch.Tensor:
-        epoch, i = divmod(iteration, self.per_epoch)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(_stream_seed(self.seed, STREAM_ORDER, epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
-        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
 
 
 def normalise(x: torch.Tensor, mean: torch.Tensor, scale: float) -> torch.Tensor:
@@ -128,8 +102,7 @@ def trial_config(model_fields: dict[str, Any], dataset: str, recipe: Recipe, see
                  validation: float = 0.0) -> TrialConfig:
     """A TrialConfig with the model's input and output shaped by the dataset."""
     from ablations import make_spec
-    channels, _, classes = DATASET_SHAPES[dataset]
-    spec = make_spec(**{**model_fields, "in_channels": channels, "num_classes": classes})
+    spec = make_spec(**{**model_fields, **dataset_model_fields(dataset)})
     return TrialConfig(model=spec, dataset=dataset, subset=subset, validation=validation, recipe=recipe, seed=seed)
 
 
@@ -156,7 +129,7 @@ def run_trial(config: TrialConfig, *, checkpoint_dir: str | os.PathLike | None =
     torch.manual_seed(config.seed)
     model = build_model(spec).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay)
+                                weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
     start, history, window, resumed_from = 0, [], [0.0, 0.0, 0], None
     if folder is not None:
         state = load_latest(folder, config_record, device)
