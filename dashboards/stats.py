@@ -57,18 +57,19 @@ import pandas as pd
 import pyarrow as pa
 from scipy import stats
 
-from ablations.paper import FAIL_THRESHOLD, paper_value
+from ablations.paper import FAIL_THRESHOLD, PAPER_METRICS, paper_value
 
 STATUSES = ("queued", "running", "finished", "diverged", "error", "cancelled")
 ENDED = ("finished", "diverged", "error")   # terminal states that should have produced a result
 MEASURED = ("finished", "diverged")         # terminal states whose value is a result
-METRICS = ("test_error", "train_loss", "train_error")
+METRICS = ("test_error", "test_error_top5", "train_loss", "train_error")
 SETTING_KEYS = ("dataset", "depth")
 KEYS = [*SETTING_KEYS, "variant"]
 
 RESULTS_SCHEMA = pa.schema([("dataset", pa.string()), ("depth", pa.int64()), ("variant", pa.string()),
                             ("seed", pa.int64()), ("status", pa.string()), ("test_error", pa.float64()),
-                            ("train_loss", pa.float64()), ("train_error", pa.float64())])
+                            ("test_error_top5", pa.float64()), ("train_loss", pa.float64()),
+                            ("train_error", pa.float64())])
 
 # Mean CIs use Student's t below this many values and a BCa bootstrap from it on (the t-interval leans on
 # normality, which small samples cannot check; the bootstrap needs enough values to resample).
@@ -103,16 +104,17 @@ def _reference(paper: PaperLookup, setting: tuple[str, int] | None, variant: str
 def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, baseline: str,
             metric: str = "test_error", alpha: float = 0.05, delta: float = 0.2,
             fail_threshold: float = FAIL_THRESHOLD, variant_order: list[str] | None = None,
-            paper: PaperLookup = paper_value, paper_reference: tuple[str, int] | None = None) -> list[dict[str, Any]]:
+            paper: PaperLookup | None = None, paper_reference: tuple[str, int] | None = None) -> list[dict[str, Any]]:
     """One JSON-ready row per cell, settings sorted by (dataset, depth), variants in `variant_order`
     (unlisted ones after, by name; without an order: the baseline first, then by name).
 
-    `delta` is the equivalence margin in the metric's units; `paper` gives the paper's figure for a cell
-    (test errors only, so rows carry it only when `metric` is `test_error`). `paper_reference` (dataset,
+    `delta` is the equivalence margin in the metric's units; `paper` gives the paper's figure for a cell in
+    that metric (default: ablations.paper's; test errors only, top-1 or top-5). `paper_reference` (dataset,
     depth) names the paper's setting a CPU-scale grid stands in for: rows then also carry the paper's figure
     for their variant there as `paper_reference`, with `paper_reference_setting`, never as `paper`.
     """
     frame = _frame(results, metric)
+    paper = paper or (lambda dataset, depth, variant: paper_value(dataset, depth, variant, metric))
     if frame.empty:
         return []
     if baseline not in set(frame["variant"]):
@@ -142,7 +144,7 @@ def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, base
                                "n": int(x.size), "failed": int(counts[cell]),
                                **_describe(described.loc[cell] if x.size else None),
                                **_mean_interval(x, alpha), **_NO_COMPARISON,
-                               "paper": paper(dataset, int(depth), variant) if metric == "test_error" else None,
+                               "paper": paper(dataset, int(depth), variant) if metric in PAPER_METRICS else None,
                                **_reference(paper, paper_reference, variant, metric),
                                "seeds": seeds.get(cell, [])}
         if variant == baseline:

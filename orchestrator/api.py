@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from .grids import GridError, GridSpec, expand_grid, parse_grid_text
-from .results import BadRequest, NotFound, comparison, grid_status
+from .results import METRICS, BadRequest, NotFound, comparison, grid_status
 from .service import GridService
 
 MAX_BODY_BYTES = 1_000_000
@@ -88,7 +88,7 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
 
     @app.get("/grids/{grid_id}/comparison", dependencies=auth,
              responses={400: {"description": "unknown metric or baseline"}, 404: {"description": "no such grid"}})
-    def compare(grid_id: str, metric: Literal["test_error", "train_loss", "train_error"] = "test_error",
+    def compare(grid_id: str, metric: Literal[METRICS] = "test_error",
                 baseline: str | None = Query(None, max_length=64)) -> dict[str, Any]:
         return comparison(store, grid_id, metric, baseline)
 
