@@ -54,9 +54,10 @@ def add_model_options(p: argparse.ArgumentParser, depth_required: bool = False) 
     g = p.add_argument_group("model")
     g.add_argument("--variant", choices=sorted(VARIANTS), metavar="NAME",
                    help="start from a catalogue variant (see `ablate models`); other options override it")
-    g.add_argument("--depth", type=int, required=depth_required, help="6n+2 (basic) or 9n+2 (bottleneck)")
+    g.add_argument("--depth", type=int, required=depth_required,
+                   help="6n+2 (basic), 9n+2 (bottleneck) or 3n+2 (single); on imagenet 18, 34, 50, 101, 152, 200")
     g.add_argument("--block", choices=BLOCKS)
-    g.add_argument("--width", type=int, help="stem width (default 16)")
+    g.add_argument("--width", type=int, help="stem width (default 16; 64 on imagenet)")
     g.add_argument("--unit", metavar="U", help=f"activation placement: {', '.join(UNITS)}")
     g.add_argument("--shortcut", metavar="S", help=f"shortcut: {', '.join(SHORTCUTS)}")
     g.add_argument("--shortcut-scale", type=float, help="λ on the shortcut (shortcut=scale)")
@@ -64,7 +65,8 @@ def add_model_options(p: argparse.ArgumentParser, depth_required: bool = False) 
     g.add_argument("--gate-bias", type=float, help="initial gate bias b_g (gated shortcuts)")
     g.add_argument("--dropout", type=float, help="drop ratio on the shortcut (shortcut=dropout)")
     g.add_argument("--downsample", choices=("A", "B"), help="A: zero-padded identity, B: 1×1 projection")
-    g.add_argument("--dataset", choices=tuple(DATASET_SHAPES), default="cifar10")
+    g.add_argument("--dataset", choices=tuple(DATASET_SHAPES), default="cifar10",
+                   help="also picks the input shape, the classes and the stem and stages (imagenet)")
 
 
 MODEL_OPTIONS = ("depth", "block", "width", "unit", "shortcut", "shortcut_scale", "residual_scale", "gate_bias",
@@ -72,12 +74,12 @@ MODEL_OPTIONS = ("depth", "block", "width", "unit", "shortcut", "shortcut_scale"
 
 
 def model_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The model spec fields the user gave (unset options stay unset, so defaults stay the spec's)."""
-    from ablations.spec import variant_fields
+    """The model spec fields the user gave (unset options stay unset, so defaults stay the spec's), and
+    those the dataset decides."""
+    from ablations.spec import dataset_model_fields, variant_fields
     fields = variant_fields(args.variant) if args.variant else {}
     fields.update({k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None})
-    channels, _, classes = DATASET_SHAPES[args.dataset]
-    fields.update(in_channels=channels, num_classes=classes)
+    fields.update(dataset_model_fields(args.dataset))
     return fields
 
 
@@ -97,7 +99,8 @@ def cmd_models(args: argparse.Namespace) -> Any:
     # The paper's "1.7M" and "10.2M" count convolutions and the classifier, not BN's affine weights.
     bn = sum(p.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
     params = count_params(model)
-    return {**spec.model_dump(), "dataset": args.dataset, "variant": args.variant, "units": 3 * spec.n,
+    return {**spec.model_dump(), "plan": spec.plan, "dataset": args.dataset, "variant": args.variant,
+            "stages": list(spec.stages), "units": sum(spec.stages),
             "params": params, "params_without_bn": params - bn,
             "macs": count_macs(model, DATASET_SHAPES[args.dataset][1])}
 
@@ -120,9 +123,11 @@ def cmd_probe(args: argparse.Namespace) -> Any:
 
 
 def recipe_overrides(args: argparse.Namespace):
-    """The recipe named by --recipe with --set FIELD=VALUE on top, and --iterations rescaling it."""
-    from workers.recipes import parse_override, resolve_recipe
-    recipe = resolve_recipe(args.recipe, dict(parse_override(item) for item in args.set))
+    """The recipe named by --recipe with --set FIELD=VALUE on top (epochs counted over the dataset's training
+    set, or --subset), and --iterations rescaling it."""
+    from workers.recipes import parse_override, resolve_recipe, training_size
+    recipe = resolve_recipe(args.recipe, dict(parse_override(item) for item in args.set),
+                            train_size=training_size(args.dataset, args.subset))
     return recipe.with_iterations(args.iterations) if args.iterations else recipe
 
 
@@ -132,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> Any:
     from workers.trainer import run_trial, trial_config
     if args.iterations is not None and args.iterations < 1:
         raise UsageError(f"--iterations must be positive, got {args.iterations}")
-    fields = {k: v for k, v in model_fields(args).items() if k not in ("in_channels", "num_classes")}
+    fields = {k: v for k, v in model_fields(args).items() if k not in ("in_channels", "num_classes", "plan")}
     config = trial_config(fields, args.dataset, recipe_overrides(args), args.seed, subset=args.subset)
     try:
         result = run_trial(config, checkpoint_dir=args.checkpoint_dir, sink=JsonLinesSink(sys.stderr),
@@ -277,6 +282,14 @@ def cmd_cancel(args: argparse.Namespace) -> Any:
     return {"grid": row.id, "cancelled_queued": store.cancel_grid(row.id), **store.counts(row.id)}
 
 
+def cmd_data(args: argparse.Namespace) -> Any:
+    from workers.fetch import fetch_dataset
+    out = fetch_dataset(args.dataset, args.dir)
+    print(f"{args.dataset}: {'downloaded into' if out['downloaded'] else 'already in'} {out['folder']}; "
+          f"runs read it with {out['use']} (or a grid's data_dir)", file=sys.stderr)
+    return out
+
+
 def cmd_grids(args: argparse.Namespace) -> Any:
     from ablations.paper import GRIDS
     from .grids import expand_grid, load_grid
@@ -394,7 +407,7 @@ def print_human(name: str, result: Any) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "models": cmd_models, "probe": cmd_probe, "train": cmd_train, "run": cmd_run, "status": cmd_status,
     "cancel": cmd_cancel, "grids": cmd_grids, "compare": cmd_compare, "submit": cmd_submit, "serve": cmd_serve,
-    "report": cmd_report, "tune": cmd_tune}
+    "report": cmd_report, "tune": cmd_tune, "data": cmd_data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -414,8 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "one trial inline, no Ray; resumes from --checkpoint-dir when it holds a checkpoint")
     add_model_options(p, depth_required=True)
-    p.add_argument("--subset", type=int, help="first N training examples")
-    p.add_argument("--recipe", default="mini-cpu", help="bundled recipe: paper-cifar, mini-cpu, smoke")
+    p.add_argument("--subset", type=int, help="first N training examples (an epoch-based recipe counts these)")
+    p.add_argument("--recipe", default="mini-cpu",
+                   help="bundled recipe: paper-cifar, paper-imagenet, resnet1k-batch64, mini-cpu, smoke")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="recipe override")
     p.add_argument("--iterations", type=int, help="train for K iterations, the schedule rescaled to fit")
     p.add_argument("--seed", type=int, default=0)
@@ -446,12 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid")
     p.add_argument("-o", "--output", help="write to FILE (default: GRID.html)")
     p.add_argument("--mlflow-url", help="MLflow UI base URL for links")
-    command("grids", "bundled grids: the paper's Tables 1-3 and CPU-scale versions")
+    command("grids", "bundled grids: the paper's Tables 1-5 and CPU-scale versions")
+    p = command("data", "download a public dataset with torchvision (MD5-checked) into the layout runs read")
+    p.add_argument("action", choices=("fetch",))
+    p.add_argument("dataset", help="fashion-mnist, cifar10 or cifar100")
+    p.add_argument("--dir", help="datasets root to write (default $ABLATE_DATA_DIR); runs read it as ABLATE_DATA_DIR")
     p = command("tune", "an Optuna study over recipe fields on a validation split; the same command resumes it")
     p.add_argument("spec", help="a tuning spec file (YAML or JSON); see README 'Tuning recipes'")
     p = command("compare", "the comparison table of a grid")
     p.add_argument("grid")
-    p.add_argument("--metric", default="test_error", choices=("test_error", "train_loss", "train_error"))
+    p.add_argument("--metric", default="test_error",
+                   help="test_error (top-1 %%), test_error_top5, train_loss or train_error")
     p.add_argument("--baseline", help="variant to compare against (default: the grid's baseline)")
     p.add_argument("--format", default="table", help="table, markdown, csv, json, latex, parquet")
     p.add_argument("-o", "--output", help="write to FILE")
