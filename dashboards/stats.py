@@ -68,8 +68,8 @@ KEYS = [*SETTING_KEYS, "variant"]
 
 RESULTS_SCHEMA = pa.schema([("dataset", pa.string()), ("depth", pa.int64()), ("variant", pa.string()),
                             ("seed", pa.int64()), ("status", pa.string()), ("test_error", pa.float64()),
-                            ("test_error_top5", pa.float64()), ("train_loss", pa.float64()),
-                            ("train_error", pa.float64())])
+                            ("train_loss", pa.float64()), ("train_error", pa.float64()),
+                            ("test_error_top5", pa.float64())])
 
 # Mean CIs use Student's t below this many values and a BCa bootstrap from it on (the t-interval leans on
 # normality, which small samples cannot check; the bootstrap needs enough values to resample).
