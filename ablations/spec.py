@@ -24,7 +24,6 @@ LAYERS_PER_UNIT = {"basic": 2, "bottleneck": 3, "single": 1}
 # Network plans. `cifar`: conv3×3 stem, three stages of n units (He et al. 2015, §4.2). `imagenet`: conv7×7/2
 # stem and 3×3/2 max-pool, four stages whose unit counts a table of depths gives (He et al. 2015, Table 1;
 # fb.resnet.torch resnet.lua and preresnet.lua): depth → (block, units per stage).
-PLANS = ("cifar", "imagenet")
 IMAGENET_STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
                    101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3)),
                    200: ("bottleneck", (3, 24, 36, 3))}
