@@ -25,8 +25,9 @@ def probe_propagation(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dic
 
     x_1 is the input of the first unit, x_L the output of the last; E the batch's cross-entropy with
     the model in training mode (batch statistics), as at the first iteration. `shortcut_factor` is the
-    analytic Π h' over the units (λ^units for constant scaling, 1 for identities) where every unit's
-    h' is a constant, else None; gated units report the mean of 1 − g(x) they applied.
+    analytic Π E[h'] over the units (λ^units for constant scaling, 1 for identities, (1 − p)^units for the
+    paper's dropout, whose keep-mask scales the shortcut by 1 − p in expectation) where every unit's
+    E[h'] is a constant, else None; gated units report the mean of 1 − g(x) they applied.
     """
     units = [m for m in model.modules() if isinstance(m, ResidualUnit)]
     inputs: list[torch.Tensor] = []

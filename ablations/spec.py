@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 
 # Activation placements of Fig. 4 (a)-(e).
 UNITS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
-# Shortcut types of Fig. 2 (a)-(f).
-SHORTCUTS = ("identity", "scale", "exclusive_gate", "shortcut_gate", "conv1x1", "dropout")
+# Shortcut types of Fig. 2 (a)-(f); `dropout` is the paper's (a keep-mask, expectation 1 − p on the shortcut),
+# `inverted_dropout` the common rescaled form (expectation 1), kept as a separate network.
+SHORTCUTS = ("identity", "scale", "exclusive_gate", "shortcut_gate", "conv1x1", "dropout", "inverted_dropout")
 # `single`: one 3×3 convolution in F, the "1-layer skip" ResNet-110 of Table 3.
 BLOCKS = ("basic", "bottleneck", "single")
 # Depths named by the papers, with the block they used: He et al. 2015 (basic) and 2016 (bottleneck).
@@ -35,10 +36,15 @@ DATASET_PLANS = {"imagenet": "imagenet"}
 # Training-set sizes: an epoch-based recipe becomes iterations with these (ILSVRC-2012: 1,281,167 images).
 DATASET_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_000, "synthetic": 5_000,
                  "imagenet": 1_281_167}
+# Test-set sizes: the binomial sampling error of a test error is sqrt(p(1 − p) / N_test) (ILSVRC-2012: the
+# 50,000 validation images the paper reports on).
+TEST_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "fashion-mnist": 10_000, "synthetic": 1_000,
+              "imagenet": 50_000}
 
 # Fields that only mean something for one shortcut type; setting them elsewhere is a mistake.
 SHORTCUT_FIELDS = {"shortcut_scale": ("scale",), "residual_scale": ("scale",),
-                   "gate_bias": ("exclusive_gate", "shortcut_gate"), "dropout": ("dropout",)}
+                   "gate_bias": ("exclusive_gate", "shortcut_gate"),
+                   "dropout": ("dropout", "inverted_dropout")}
 
 
 class SpecError(ValueError):
@@ -59,6 +65,19 @@ def units_per_stage(depth: int, block: str) -> int:
         raise SpecError(f"depth {depth} does not fit block {block!r}: it must be {per}n+2 with n >= 1 "
                         f"(e.g. {', '.join(examples)})")
     return (depth - 2) // per
+
+
+def omit_at_defaults(*names: str):
+    """A wrap serializer for a configuration model that leaves `names` out of its dump while they hold their
+    defaults: fields added after trial keys were first made, so every earlier configuration keeps its trial
+    key (a hash of the dump) and its checkpoints (which hold the dump)."""
+    def serialize(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        for name in names:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                data.pop(name, None)
+        return data
+    return model_serializer(mode="wrap")(serialize)
 
 
 def dataset_model_fields(dataset: str) -> dict[str, Any]:
@@ -124,14 +143,8 @@ class ModelSpec(BaseModel):
             object.__setattr__(self, "downsample", "A" if self.plan == "cifar" and block != "bottleneck" else "B")
         return self
 
-    @model_serializer(mode="wrap")
-    def _omit_cifar_plan(self, handler) -> dict[str, Any]:
-        # `plan` came after the first trial keys were made: the CIFAR plan is left out of the dump, so every
-        # earlier configuration keeps its trial key and its checkpoints.
-        data = handler(self)
-        if data.get("plan") == "cifar":
-            del data["plan"]
-        return data
+    # Fields added after trial keys were first made, left out of the dump at their defaults.
+    _later = omit_at_defaults("plan")
 
     @property
     def stages(self) -> tuple[int, ...]:
@@ -213,6 +226,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shortcut_gate-b-6": dict(shortcut="shortcut_gate", gate_bias=-6.0),
     "conv1x1": dict(shortcut="conv1x1"),
     "dropout-0.5": dict(shortcut="dropout", dropout=0.5),
+    # Not in the paper: inverted dropout (identity at evaluation), to show the paper's form is what fails.
+    "inverted_dropout-0.5": dict(shortcut="inverted_dropout", dropout=0.5),
     # Table 3: the "1-layer skip" ResNet-110, one 3×3 convolution in F (depth 3n+2), before and after.
     "original-1layer": dict(unit="original", block="single"),
     "full_preact-1layer": dict(unit="full_preact", block="single"),
@@ -222,8 +237,8 @@ FIGURES = {"original": "Fig. 2(a) / 4(a)", "bn_after_add": "Fig. 4(b)", "relu_be
            "scale-0.5": "Fig. 2(b)", "scale-0.5-0.5": "Fig. 2(b)", "exclusive_gate-b0": "Fig. 2(c)",
            "exclusive_gate-b-6": "Fig. 2(c)", "exclusive_gate-b-7": "Fig. 2(c)",
            "shortcut_gate-b0": "Fig. 2(d)", "shortcut_gate-b-6": "Fig. 2(d)", "conv1x1": "Fig. 2(e)",
-           "dropout-0.5": "Fig. 2(f)", "original-1layer": "Table 3 (1-layer skip)",
-           "full_preact-1layer": "Table 3 (1-layer skip)"}
+           "dropout-0.5": "Fig. 2(f)", "inverted_dropout-0.5": "Fig. 2(f), inverted (not in the paper)",
+           "original-1layer": "Table 3 (1-layer skip)", "full_preact-1layer": "Table 3 (1-layer skip)"}
 MODEL_FIELDS = tuple(name for name in ModelSpec.model_fields if name not in ("depth",))
 
 

@@ -103,26 +103,39 @@ def projection(in_ch: int, out_ch: int, stride: int, spec: ModelSpec, groups: in
 
 
 class PlainShortcut(nn.Module):
-    """y = λ·D(P(x)) + μ·F(x): identity (λ=μ=1), constant scaling, 1×1 conv, dropout (D)."""
+    """y = λ·D(P(x)) + μ·F(x): identity (λ=μ=1), constant scaling, 1×1 conv, dropout (D).
 
-    def __init__(self, path: nn.Module, scale: float = 1.0, residual_scale: float = 1.0, dropout: float = 0.0):
+    Two dropouts. `dropout` is the paper's (§3.1, Fig. 2f): a keep-mask with no rescaling in training, so
+    it "statistically imposes a scale of λ with an expectation of 0.5 on the shortcut", and evaluation
+    multiplies by that expectation, 1 − p. `inverted_dropout` rescales the kept elements by 1/(1 − p) in
+    training and is the identity at evaluation: its expectation is 1, a different network.
+    """
+
+    def __init__(self, path: nn.Module, scale: float = 1.0, residual_scale: float = 1.0, dropout: float = 0.0,
+                 inverted: bool = False):
         super().__init__()
-        self.path, self.scale, self.residual_scale, self.dropout = path, scale, residual_scale, dropout
+        self.path, self.scale, self.residual_scale = path, scale, residual_scale
+        self.dropout, self.inverted = dropout, inverted
 
     def forward(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         h = self.path(x)
-        if self.dropout:
-            # Inverted dropout: identity at evaluation; in training each element is 0 or x/(1-p).
+        if self.dropout and self.inverted:
             h = F.dropout(h, self.dropout, self.training)
+        elif self.dropout:
+            keep = 1.0 - self.dropout
+            # The mask draws from the global generator, which the trainer seeds per (seed, iteration).
+            h = h * torch.empty_like(h).bernoulli_(keep) if self.training else h * keep
         if self.scale != 1.0:
             h = h * self.scale
         return h + (f * self.residual_scale if self.residual_scale != 1.0 else f)
 
     def analytic_gain(self) -> float | None:
-        """h'(x) when it is a constant (identity and scaling without a projection), else None."""
-        if self.dropout or any(p.requires_grad for p in self.path.parameters()):
+        """E[h'(x)] when it is a constant (identity, scaling and dropout without a projection), else None:
+        dropout's expectation is 1 − p (the paper's) or 1 (inverted)."""
+        if any(p.requires_grad for p in self.path.parameters()):
             return None
-        return self.scale
+        expectation = 1.0 if self.inverted or not self.dropout else 1.0 - self.dropout
+        return self.scale * expectation
 
 
 class GatedShortcut(nn.Module):
@@ -140,8 +153,11 @@ class GatedShortcut(nn.Module):
         nn.init.constant_(self.gate.bias, self.gate_bias)
 
     def forward(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        g = torch.sigmoid(self.gate(x))
-        return (1.0 - g) * self.path(x) + (g * f if self.exclusive else f)
+        # The gate in full precision whatever autocast does: in bf16, σ(b_g = −7) rounds 1 − g to exactly 1,
+        # which is not the network the paper gates.
+        with torch.autocast(x.device.type, enabled=False):
+            g = torch.sigmoid(self.gate(x.float()))
+            return (1.0 - g) * self.path(x).float() + (g * f.float() if self.exclusive else f.float())
 
     def analytic_gain(self) -> None:
         return None
@@ -153,7 +169,9 @@ def make_shortcut(in_ch: int, out_ch: int, stride: int, spec: ModelSpec, groups:
         return GatedShortcut(path, in_ch, out_ch, stride, spec.gate_bias, spec.shortcut == "exclusive_gate", groups)
     if spec.shortcut == "scale":
         return PlainShortcut(path, spec.shortcut_scale, spec.residual_scale)
-    return PlainShortcut(path, dropout=spec.dropout if spec.shortcut == "dropout" else 0.0)
+    if spec.shortcut in ("dropout", "inverted_dropout"):
+        return PlainShortcut(path, dropout=spec.dropout, inverted=spec.shortcut == "inverted_dropout")
+    return PlainShortcut(path)
 
 
 # Block structure: kernel sizes of F and the width of its inner layers relative to the unit's output.

@@ -3,11 +3,11 @@
 What it measures: k seeds of ResNet-20 (original unit) on CIFAR-shaped synthetic data (3×32×32, batch
 128, pad-4 crop + flip, SGD momentum 0.9), the same work both ways:
 
-- fused: one `workers.fused.run_fused` call training the k seeds as channel groups of one network;
+- fused: one `workers.trainer.run_trials` call training the k seeds as channel groups of one network;
 - separate: k `workers.trainer.run_trial` calls, one seed each, sequentially.
 
-Both are the product, called for real. Each records `img_per_s` per evaluation window (evaluation time
-excluded; run_fused's figure is per seed, so the group trains k× that many images); the first window of
+Both are the product, called for real. Each records `img_per_s` per log window (the one evaluation comes
+after the last window; the group's figure is per seed, so the group trains k× that many images); the first window of
 every call is warm-up (allocator, oneDNN primitive caches) and is dropped. Throughput is per seed-image:
 images of any seed per second, the median of the measured windows. The two loops alternate over rounds
 (A B, then B A) so drift hits both.
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: `import workers` needs the repo root
     sys.path.insert(0, str(ROOT))
 
-from workers.fused import run_fused  # noqa: E402
+from workers.trainer import run_trials  # noqa: E402
 from workers.recipes import resolve_recipe  # noqa: E402
 from workers.sinks import MemorySink  # noqa: E402
 from workers.trainer import run_trial, trial_config  # noqa: E402
@@ -72,7 +72,8 @@ def others_cpu_seconds() -> float | None:
 def configs(seeds: int, window: int, measured: int):
     iterations = window * (measured + 1)
     recipe = resolve_recipe("smoke", dict(iterations=iterations, batch_size=BATCH, lr=0.05, milestones=(),
-                                          warmup_iterations=0, eval_every=window, checkpoint_every=iterations))
+                                          warmup_iterations=0, log_every=window, eval_every=iterations,
+                                          checkpoint_every=iterations))
     return [trial_config({"depth": DEPTH, "unit": "original"}, "synthetic", recipe, seed, validation=VALIDATION)
             for seed in range(seeds)]
 
@@ -84,7 +85,7 @@ def measured_rates(sink: MemorySink) -> list[float]:
 def fused_rates(seeds: int, window: int, measured: int, threads: int) -> list[float]:
     """Seed-images per second of each measured window of one fused run."""
     sinks = [MemorySink() for _ in range(seeds)]
-    run_fused(configs(seeds, window, measured), sinks=sinks, device="cpu", threads=threads)
+    run_trials(configs(seeds, window, measured), sinks=sinks, device="cpu", threads=threads)
     return [seeds * r for r in measured_rates(sinks[0])]
 
 

@@ -6,7 +6,7 @@ SGD momentum 0.9, weight decay 1e-4), each timed for a fixed wall-clock budget a
 - naive: what a typical user writes: a DataLoader (4 workers, pinned memory) over float images with
   per-sample torchvision transforms, the model in NCHW, eager fp32, `loss.item()` every step;
 - fast: Ablate's path (workers/trainer.py): the dataset on the GPU as uint8, each batch gathered,
-  normalised and augmented there (`workers.fused.seed_batch`, the trainer's own steps), channels_last,
+  normalised and augmented there (`workers.trainer.seed_batch`, the trainer's own steps), channels_last,
   bf16 autocast, torch.compile;
 - fused-4, fused-8: k seeds as channel groups of one network (`workers.fused`), each seed with its own
   batch, the same bf16 + channels_last, compiled where compilation works (else eager, reported).
@@ -51,8 +51,8 @@ def measure(variant: str, k: int, compiled: bool, depth: int, batch: int, device
     import torch.nn.functional as F
     from ablations import build_model, make_spec
     from workers.data import load_dataset
-    from workers.fused import fused_model, seed_batch
-    from workers.trainer import Batches
+    from workers.fused import fused_model
+    from workers.trainer import Batches, seed_batch
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"  # cuDNN's defaults, as the trainer leaves them (no benchmark mode)
@@ -108,7 +108,7 @@ def measure(variant: str, k: int, compiled: bool, depth: int, batch: int, device
         it = 0
 
         def step():
-            # The product's step (workers/fused.py run_fused; with k = 1 run_trial's): per-seed batches, one
+            # The product's step (workers/trainer.py run_trials; with k = 1 run_trial): per-seed batches, one
             # forward over the stacked seeds, the sum of per-seed mean losses, one host sync for the values.
             nonlocal it
             parts = [seed_batch(train_x, train_y, order[j], s, it, mean, scale, True) for j, s in enumerate(seeds)]
@@ -149,15 +149,14 @@ def measure(variant: str, k: int, compiled: bool, depth: int, batch: int, device
 
 
 def product_check(device: str) -> dict:
-    """run_fused against run_trial on this device, tiny network, 20 iterations: the product runs here and
-    per-seed results agree (bf16 on a GPU: close, not within the CPU test's tolerance)."""
-    from workers.fused import run_fused
+    """run_trials (fused) against run_trial on this device, tiny network, 20 iterations: the product runs
+    here and per-seed results agree (bf16 on a GPU: close, not within the CPU test's tolerance)."""
     from workers.recipes import resolve_recipe
-    from workers.trainer import run_trial, trial_config
+    from workers.trainer import run_trial, run_trials, trial_config
     recipe = resolve_recipe("smoke", dict(iterations=20, eval_every=10, checkpoint_every=20, milestones=()))
     configs = [trial_config(dict(depth=8, block="basic", width=4), "synthetic", recipe, s, subset=512)
                for s in (0, 1)]
-    fused = run_fused(configs, device=device, compile_model=False)
+    fused = run_trials(configs, device=device, compile_model=False)
     solo = [run_trial(c, device=device, compile_model=False) for c in configs]
     return {"fused_train_loss": [r["train_loss"] for r in fused], "solo_train_loss": [r["train_loss"] for r in solo],
             "fused_test_error": [r["test_error"] for r in fused], "solo_test_error": [r["test_error"] for r in solo]}
@@ -274,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{macs[164] / 1e6:.0f} vs {macs[110] / 1e6:.0f} M)")
     if check:
         fused_loss, solo_loss = check["fused_train_loss"], check["solo_train_loss"]
-        print(f"  product check (run_fused vs run_trial, depth 8, 20 it.): train loss fused "
+        print(f"  product check (run_trials vs run_trial, depth 8, 20 it.): train loss fused "
               f"{[round(v, 4) for v in fused_loss]} solo {[round(v, 4) for v in solo_loss]}; "
               f"test error fused {check['fused_test_error']} solo {check['solo_test_error']}")
         kv["product_max_loss_diff"] = f"{max(abs(a - b) for a, b in zip(fused_loss, solo_loss)):.2e}"

@@ -3,9 +3,9 @@
 What it measures, per depth (default ResNet-20 and ResNet-110, original unit), on CIFAR-shaped synthetic
 data (3×32×32, 10 classes, batch 128, pad-4 crop + flip augmentation, SGD momentum 0.9):
 
-- ablate: `workers.trainer.run_trial`, the product itself, called for real. Its evaluation records carry
-  `img_per_s` for the window since the previous evaluation (evaluation time excluded); the first window
-  is warm-up (allocator, oneDNN primitive caches) and is discarded, the rest are measured windows.
+- ablate: `workers.trainer.run_trial`, the product itself, called for real. Its log records carry
+  `img_per_s` for the window since the previous one (it evaluates only at the end, after the last
+  window closes); the first window is warm-up (allocator, oneDNN primitive caches) and is discarded, the rest are measured windows.
 - naive: what a typical user writes: a `DataLoader` (num_workers=0: two cores) over a Dataset of float
   NCHW tensors with per-sample `torchvision.transforms.v2` RandomCrop(32, padding=4) and
   RandomHorizontalFlip, the same model in the default NCHW layout, eager, `loss.item()` every step.
@@ -112,14 +112,14 @@ def ablate_windows(depth: int, window: int, windows: int, threads: int) -> list[
     iterations = window * (windows + 1)
     recipe = resolve_recipe("smoke", dict(iterations=iterations, batch_size=BATCH, augment=True, lr=LR,
                                           momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, milestones=(),
-                                          warmup_iterations=0, eval_every=window,
+                                          warmup_iterations=0, log_every=window, eval_every=iterations,
                                           checkpoint_every=iterations))
     config = trial_config({"depth": depth, "unit": "original"}, DATASET, recipe, seed=0, validation=VALIDATION)
     sink = MemorySink()
     run_trial(config, threads=threads, sink=sink, device="cpu")
     rates = [r["img_per_s"] for r in sink.records if "img_per_s" in r]
     if len(rates) != windows + 1:
-        raise RuntimeError(f"expected {windows + 1} evaluation records from run_trial, got {len(rates)}")
+        raise RuntimeError(f"expected {windows + 1} log records from run_trial, got {len(rates)}")
     return rates[1:]
 
 

@@ -3,6 +3,11 @@
 Imports neither `workers` nor `orchestrator`. Names load their modules (scipy, pandas, pyarrow, rich) on first
 use, so that importing the package, and `ablate --help`, stays instant.
 """
+# How comparisons are analysed unless asked otherwise: every Ablate grid gives seed s to every variant
+# (common random numbers), so paired by seed. The one switch, should measurements on real grids say so.
+DESIGNS = ("paired", "welch")
+DEFAULT_DESIGN = "paired"
+
 _LAZY = {"compare": "stats", "summary": "stats", "results_to_arrow": "stats", "FORMATS": "tables",
          "document": "tables", "render": "tables", "write": "tables", "print_table": "tables",
          "render_report": "report"}
@@ -15,4 +20,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [*_LAZY]
+__all__ = ["DESIGNS", "DEFAULT_DESIGN", *_LAZY]

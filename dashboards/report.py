@@ -29,7 +29,7 @@ from matplotlib.ticker import FuncFormatter
 from ablations.paper import FAIL_THRESHOLD
 
 from .stats import MEASURED, STATUSES
-from .tables import MISSING, SUMMARY_HEADERS, _cells, _complete, _headers, _summary
+from .tables import DESIGN_TEXT, MISSING, SUMMARY_HEADERS, _cells, _complete, _headers, _summary
 
 # Plot text as <text> elements, not glyph paths: a small page with selectable labels.
 RC = {"svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10, "font.family": "sans-serif",
@@ -121,8 +121,11 @@ def _comparison(doc: dict, settings: list[tuple]) -> str:
                    f'<thead><tr>{"".join(f"<th>{esc(h)}</th>" for h in SUMMARY_HEADERS)}</tr></thead><tbody>'
                    + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in summary)
                    + "</tbody></table>")
-    title = (f'Comparison: {esc(doc["metric"])} <span class="note">lower is better · Holm-corrected · '
-             f'grid {esc(str(doc["grid"]))}</span>')
+    notes = ["lower is better", DESIGN_TEXT.get(doc.get("design"), ""),
+             "decisions of the sequential plan (decision @look/looks)" if doc.get("sequential") else "Holm-corrected",
+             f'grid {doc["grid"]}']
+    title = f'Comparison: {esc(doc["metric"])} <span class="note">{esc(" · ".join(n for n in notes if n))}</span>'
+
     return _section("comparison", title, "\n".join(out))
 
 

@@ -24,27 +24,40 @@ result):
   whatever metric is compared: the `failed` column describes runs, not the metric.
 So for every cell: ended runs (finished, diverged, error) ≤ n + failed.
 
-Independent samples, Welch's test (not a paired test). Seed s of two variants shares the data order and
-augmentation stream, but the networks differ, so their initialisations differ. Run-to-run variance of a
-trained network's test error is dominated by chaotic training dynamics: any one source of randomness alone
-(initialisation, data order, augmentation, even non-deterministic kernels) reproduces nearly all of it
-(Summers & Dinneen 2021, "Nondeterminism and instability in neural network optimization"). With the
-initialisation different, sharing the data stream leaves the two runs close to independent, so a paired
-test gains little correlation and loses half the degrees of freedom (n − 1 instead of about 2n − 2). It
-also needs both members of every pair: a crashed run or an extra seed on one side breaks pairs. Welch's t
-(unequal variances: unstable variants spread more) is valid whether or not the pairing carries
-information: a positive correlation would make it conservative, never anti-conservative, and no mechanism
-in how seeds are shared suggests a negative one.
+Paired by seed (the default, `design="paired"`; dashboards.DEFAULT_DESIGN): seed s of two variants gets bit-identical initial weights
+for every layer both networks have (same shapes, same order), the same data order and the same
+augmentation: common random numbers, as every Ablate grid shares its seeds across variants. So Δ, its CI,
+p and P(improvement) come from the per-seed differences d = variant − baseline over the seeds both have
+(exact pairs only; seeds on one side only are listed in `unpaired_seeds`): Δ = mean(d), CI of mean(d)
+(Student's t below BOOTSTRAP_MIN_N pairs, BCa bootstrap of the differences from there, as the mean CIs),
+p from the paired t-test, P(improvement) = the share of pairs where the variant is lower (ties half).
+The paired test is valid whatever the correlation between the arms; how much it gains is measured, not
+assumed: every comparison reports the Pearson and Spearman correlation of its per-seed values, var(d)
+against var₁ + var₂ over the same seeds, and their ratio `pair_efficiency` (how many times the seeds an
+independent-samples analysis would need for the same CI width), in both designs. The design is chosen by
+how the seeds were assigned, never per table from these numbers. `design="welch"` keeps the
+independent-samples analysis: Welch's t (unequal variances: unstable variants spread more), Δ = difference
+of the means, P(improvement) = U / (n₁n₂) over all pairs of runs. Hedges' g always standardises by the two
+arms' pooled SD (over the pairs in the paired design), so it reads the same in both designs.
+
+Each cell also gives the test set's own sampling error beside the seed spread: `test_se` =
+100·sqrt(p(1 − p) / N_test) points for the cell's mean error p, with N_test from the result record's
+`test_size` or the dataset's known test size. Every seed is scored on the same test images, so this
+error does not shrink with more seeds.
 
 Decisions (lower is better): `better` / `worse` when the Holm-corrected p < alpha and P(improvement) is
 beyond 0.75 / below 0.25 in the direction of the mean difference; otherwise `equivalent` when the whole
 delta CI lies within ±delta (a CI at 1 − alpha: stricter than the 1 − 2·alpha CI of a TOST at alpha);
 otherwise `undecided`. With 5 seeds per cell, as in the paper, `undecided` is a frequent honest answer.
+A grid run with `ablate run --until-decided` is decided by its stored sequential plan instead
+(dashboards/sequential.py): a fixed-α test of samples that grew because they were undecided made
+false differences in up to 7.5% of simulated tables at α = 5% (bench/decisions.py; the plan: 3.7%).
 
-Edge cases, all without NaN: fewer than two values on either side → no p-value, delta CI or effect size,
-decision `undecided` (the point difference `delta` and `p_improve` are still given when both sides have a
-value). Zero variance on both sides: the difference is known exactly, so the delta CI is [d, d] and the
-p-value 1.0 for equal means, 0.0 otherwise; Hedges' g is 0 for equal means and None (infinite) otherwise.
+Edge cases, all without NaN: fewer than two values (pairs, in the paired design) → no p-value, delta CI
+or effect size, decision `undecided` (the point difference `delta` and `p_improve` are still given when
+there is one value, or pair). Zero variance on both sides (of the differences, when paired): the
+difference is known exactly, so the delta CI is [d, d] and the p-value 1.0 for equal means, 0.0
+otherwise; Hedges' g is 0 for equal means and None (infinite) otherwise.
 """
 from __future__ import annotations
 
@@ -58,6 +71,9 @@ import pyarrow as pa
 from scipy import stats
 
 from ablations.paper import FAIL_THRESHOLD, PAPER_METRICS, paper_value
+from ablations.spec import TEST_SIZES
+
+from . import DEFAULT_DESIGN, DESIGNS
 
 STATUSES = ("queued", "running", "finished", "diverged", "error", "cancelled")
 ENDED = ("finished", "diverged", "error")   # terminal states that should have produced a result
@@ -69,7 +85,7 @@ KEYS = [*SETTING_KEYS, "variant"]
 RESULTS_SCHEMA = pa.schema([("dataset", pa.string()), ("depth", pa.int64()), ("variant", pa.string()),
                             ("seed", pa.int64()), ("status", pa.string()), ("test_error", pa.float64()),
                             ("train_loss", pa.float64()), ("train_error", pa.float64()),
-                            ("test_error_top5", pa.float64())])
+                            ("test_size", pa.int64()), ("test_error_top5", pa.float64())])
 
 # Mean CIs use Student's t below this many values and a BCa bootstrap from it on (the t-interval leans on
 # normality, which small samples cannot check; the bootstrap needs enough values to resample).
@@ -95,7 +111,7 @@ def results_to_arrow(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Ta
 
 
 def _reference(paper: PaperLookup, setting: tuple[str, int] | None, variant: str, metric: str) -> dict[str, Any]:
-    if setting is None or metric != "test_error":
+    if setting is None or metric not in PAPER_METRICS:
         return {"paper_reference": None, "paper_reference_setting": None}
     value = paper(setting[0], setting[1], variant)
     return {"paper_reference": value, "paper_reference_setting": None if value is None else f"{setting[0]}-{setting[1]}"}
@@ -104,7 +120,8 @@ def _reference(paper: PaperLookup, setting: tuple[str, int] | None, variant: str
 def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, baseline: str,
             metric: str = "test_error", alpha: float = 0.05, delta: float = 0.2,
             fail_threshold: float = FAIL_THRESHOLD, variant_order: list[str] | None = None,
-            paper: PaperLookup | None = None, paper_reference: tuple[str, int] | None = None) -> list[dict[str, Any]]:
+            paper: PaperLookup | None = None, paper_reference: tuple[str, int] | None = None,
+            design: str = DEFAULT_DESIGN) -> list[dict[str, Any]]:
     """One JSON-ready row per cell, settings sorted by (dataset, depth), variants in `variant_order`
     (unlisted ones after, by name; without an order: the baseline first, then by name).
 
@@ -112,7 +129,10 @@ def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, base
     that metric (default: ablations.paper's; test errors only, top-1 or top-5). `paper_reference` (dataset,
     depth) names the paper's setting a CPU-scale grid stands in for: rows then also carry the paper's figure
     for their variant there as `paper_reference`, with `paper_reference_setting`, never as `paper`.
+    `design`: `paired` (by seed) or `welch` (independent samples); see the module docstring.
     """
+    if design not in DESIGNS:
+        raise ValueError(f"unknown design {design!r}; choose one of: {', '.join(DESIGNS)}")
     frame = _frame(results, metric)
     paper = paper or (lambda dataset, depth, variant: paper_value(dataset, depth, variant, metric))
     if frame.empty:
@@ -120,37 +140,34 @@ def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, base
     if baseline not in set(frame["variant"]):
         raise ValueError(f"baseline {baseline!r} has no runs; variants: {', '.join(sorted(set(frame['variant'])))}")
 
-    status = frame["status"]
-    value = frame[metric].to_numpy(dtype=float)
-    usable = status.isin(MEASURED).to_numpy() & np.isfinite(value)
-    too_high = frame["test_error"].to_numpy(dtype=float) > fail_threshold
-    failed = status.isin(ENDED).to_numpy() & (status.isin(("diverged", "error")).to_numpy() | ~usable | too_high)
+    usable, failed = _usable(frame, metric, fail_threshold)
     counts = frame[KEYS].assign(failed=failed).groupby(KEYS, sort=False, observed=True)["failed"].sum()
-
-    sample = frame.loc[usable, [*KEYS, "seed"]].assign(value=value[usable])
-    grouped = sample.groupby(KEYS, sort=False, observed=True)
-    described = grouped["value"].agg(["mean", "std", "median", "min", "max"])
-    indices = grouped.indices
-    values = {cell: sample["value"].to_numpy()[idx] for cell, idx in indices.items()}
-    seeds = {cell: np.sort(sample["seed"].to_numpy()[idx]).astype(int).tolist() for cell, idx in indices.items()}
+    samples = _samples(frame, usable, metric)
+    sizes = frame.loc[usable].groupby(KEYS, sort=False, observed=True)["test_size"].median()
 
     rank = {v: i for i, v in enumerate(variant_order or [baseline])}
     cells = sorted(counts.index, key=lambda c: (c[0], c[1], rank.get(c[2], len(rank)), c[2]))
     rows = []
     for cell in cells:
         dataset, depth, variant = cell
-        x = values.get(cell, np.empty(0))
+        x = samples.get(cell, _EMPTY)
         row: dict[str, Any] = {"setting": {"dataset": str(dataset), "depth": int(depth)}, "variant": str(variant),
                                "n": int(x.size), "failed": int(counts[cell]),
-                               **_describe(described.loc[cell] if x.size else None),
-                               **_mean_interval(x, alpha), **_NO_COMPARISON,
+                               **_describe(x), **_mean_interval(x.to_numpy(), alpha),
+                               **_test_error_se(x, sizes.get(cell), dataset, metric),
+                               **_NO_COMPARISON,
                                "paper": paper(dataset, int(depth), variant) if metric in PAPER_METRICS else None,
                                **_reference(paper, paper_reference, variant, metric),
-                               "seeds": seeds.get(cell, [])}
+                               "seeds": sorted(int(s) for s in x.index), "sequential": None}
         if variant == baseline:
             row["decision"] = "baseline"
         elif (dataset, depth, baseline) in counts.index:
-            row.update(_versus(x, values.get((dataset, depth, baseline), np.empty(0)), alpha))
+            base = samples.get((dataset, depth, baseline), _EMPTY)
+            row.update(_pairing(x, base))
+            if design == "paired":
+                row.update(_paired(x, base, alpha))
+            else:
+                row.update(_welch(x.to_numpy(), base.to_numpy(), alpha))
         rows.append(row)
 
     _holm(rows)
@@ -158,6 +175,27 @@ def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, base
         if row["decision"] != "baseline":
             row["decision"] = _decide(row, alpha, delta)
     return rows
+
+
+def paired_differences(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, baseline: str,
+                       metric: str = "test_error", fail_threshold: float = FAIL_THRESHOLD,
+                       seeds: Iterable[int] | None = None) -> dict[tuple[str, int, str], pd.Series]:
+    """Per comparison (dataset, depth, variant), its per-seed differences variant − baseline, indexed by seed:
+    the runs that enter `compare`, exact pairs only, restricted to `seeds` when given."""
+    frame = _frame(results, metric)
+    if frame.empty:
+        return {}
+    usable, _ = _usable(frame, metric, fail_threshold)
+    if seeds is not None:
+        usable &= frame["seed"].isin(list(seeds)).to_numpy()
+    samples = _samples(frame, usable, metric)
+    out = {}
+    for (dataset, depth, variant), x in samples.items():
+        base = samples.get((dataset, depth, baseline))
+        if variant != baseline and base is not None:
+            x, b = x.align(base, join="inner")
+            out[(dataset, depth, variant)] = (x - b).sort_index()
+    return out
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -209,20 +247,61 @@ def _frame(results: Any, metric: str) -> pd.DataFrame:
     out = frame[[*KEYS, "seed", "status"]].reset_index(drop=True)
     for column in METRICS:
         out[column] = frame[column].to_numpy(dtype=float, na_value=np.nan) if column in frame.columns else np.nan
+    # The test set's size: the result record's when given, else the dataset's (None when unknown).
+    known = out["dataset"].map(TEST_SIZES).to_numpy(dtype=float, na_value=np.nan)
+    given = frame["test_size"].to_numpy(dtype=float, na_value=np.nan) if "test_size" in frame.columns else known
+    out["test_size"] = np.where(np.isfinite(given), given, known)
     return out
+
+
+def _usable(frame: pd.DataFrame, metric: str, fail_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Which runs enter the sample, and which count as failed (see the module docstring)."""
+    status = frame["status"]
+    value = frame[metric].to_numpy(dtype=float)
+    usable = status.isin(MEASURED).to_numpy() & np.isfinite(value)
+    too_high = frame["test_error"].to_numpy(dtype=float) > fail_threshold
+    failed = status.isin(ENDED).to_numpy() & (status.isin(("diverged", "error")).to_numpy() | ~usable | too_high)
+    return usable, failed
+
+
+def _samples(frame: pd.DataFrame, usable: np.ndarray, metric: str) -> dict[tuple, pd.Series]:
+    """Each cell's values indexed by seed. A seed twice in one cell cannot be paired: refused."""
+    sample = frame.loc[usable, [*KEYS, "seed", metric]]
+    twice = sample.duplicated([*KEYS, "seed"])
+    if twice.any():
+        first = sample[twice].iloc[0]
+        raise ValueError(f"seed {first['seed']} has two results in {first['dataset']} depth {first['depth']} "
+                         f"{first['variant']}: a cell holds one run per seed")
+    # Sorted by seed: the bootstrap resamples by position, so the same results give the same CI in any order.
+    return {cell: pd.Series(group[metric].to_numpy(dtype=float), index=group["seed"].to_numpy(dtype=int)).sort_index()
+            for cell, group in sample.groupby(KEYS, sort=False, observed=True)}
 
 
 # --- per cell ----------------------------------------------------------------------------------------
 
+_EMPTY = pd.Series([], dtype=float)
 _NO_COMPARISON = {"delta": None, "delta_ci_low": None, "delta_ci_high": None, "p_value": None, "p_holm": None,
-                  "effect_size": None, "p_improve": None, "decision": "undecided"}
+                  "effect_size": None, "p_improve": None, "decision": "undecided", "pairs": None,
+                  "unpaired_seeds": [], "pair_pearson": None, "pair_spearman": None, "pair_var_diff": None,
+                  "pair_var_sum": None, "pair_efficiency": None}
 
 
-def _describe(d: pd.Series | None) -> dict[str, Any]:
-    if d is None:
+def _describe(x: pd.Series) -> dict[str, Any]:
+    if x.empty:
         return {"mean": None, "std": None, "median": None, "min": None, "max": None}
-    return {"mean": _num(d["mean"]), "std": _num(d["std"]),
-            "median": _num(d["median"]), "min": _num(d["min"]), "max": _num(d["max"])}
+    v = x.to_numpy()
+    return {"mean": float(v.mean()), "std": _num(np.std(v, ddof=1)) if v.size > 1 else None,
+            "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
+
+
+def _test_error_se(x: pd.Series, size: float | None, dataset: str, metric: str) -> dict[str, Any]:
+    """The binomial sampling error of the cell's mean test error (top-1 or top-5) from the test set's size,
+    in points."""
+    if metric not in PAPER_METRICS or x.empty or size is None or not np.isfinite(size):
+        return {"test_size": int(size) if size is not None and np.isfinite(size) else TEST_SIZES.get(dataset),
+                "test_se": None}
+    p = min(max(float(x.mean()) / 100, 0.0), 1.0)
+    return {"test_size": int(size), "test_se": 100 * math.sqrt(p * (1 - p) / size)}
 
 
 def _mean_interval(x: np.ndarray, alpha: float) -> dict[str, Any]:
@@ -242,7 +321,54 @@ def _mean_interval(x: np.ndarray, alpha: float) -> dict[str, Any]:
     return {"ci_low": mean - half, "ci_high": mean + half}
 
 
-def _versus(x: np.ndarray, base: np.ndarray, alpha: float) -> dict[str, Any]:
+def _hedges_g(x: np.ndarray, base: np.ndarray, d: float) -> float | None:
+    """Hedges' g: the difference over the two arms' pooled SD, with the small-sample factor J (Hedges & Olkin
+    1985). 0 for no difference, None (infinite) for a difference with no spread."""
+    pooled = math.sqrt(((x.size - 1) * np.var(x, ddof=1) + (base.size - 1) * np.var(base, ddof=1))
+                       / (x.size + base.size - 2))
+    if pooled == 0:
+        return 0.0 if d == 0 else None
+    return (1 - 3 / (4 * (x.size + base.size) - 9)) * d / pooled
+
+
+def _pairing(x: pd.Series, base: pd.Series) -> dict[str, Any]:
+    """What pairing by seed gains here, over the seeds both arms have: the correlation of their per-seed
+    values, var(d) against var₁ + var₂, and the efficiency (var₁ + var₂) / var(d)."""
+    xv, bv = x.align(base, join="inner")
+    unpaired = sorted(int(s) for s in x.index.symmetric_difference(base.index))
+    out: dict[str, Any] = {"pairs": int(xv.size), "unpaired_seeds": unpaired}
+    if xv.size < 2:
+        return out
+    xv, bv = xv.to_numpy(), bv.to_numpy()
+    var_diff, var_sum = float(np.var(xv - bv, ddof=1)), float(np.var(xv, ddof=1) + np.var(bv, ddof=1))
+    out.update(pair_var_diff=var_diff, pair_var_sum=var_sum,
+               pair_efficiency=var_sum / var_diff if var_diff > 0 else None)
+    if np.ptp(xv) > 0 and np.ptp(bv) > 0:   # a correlation needs spread on both sides
+        out.update(pair_pearson=float(stats.pearsonr(xv, bv).statistic),
+                   pair_spearman=float(stats.spearmanr(xv, bv).statistic))
+    return out
+
+
+def _paired(x: pd.Series, base: pd.Series, alpha: float) -> dict[str, Any]:
+    """Variant against baseline over the seeds both have: the mean difference with its CI, the paired
+    t-test, Hedges' g and the share of seeds where the variant is lower."""
+    xv, bv = x.align(base, join="inner")
+    if xv.empty:
+        return {}
+    xv, bv = xv.to_numpy(), bv.to_numpy()
+    d = xv - bv
+    mean = float(d.mean())
+    out: dict[str, Any] = {"delta": mean, "p_improve": float(((d < 0).sum() + 0.5 * (d == 0).sum()) / d.size)}
+    if d.size < 2:
+        return out
+    ci = _mean_interval(d, alpha)
+    p = (1.0 if mean == 0 else 0.0) if np.ptp(d) == 0 else float(stats.ttest_rel(xv, bv).pvalue)
+    out.update(delta_ci_low=ci["ci_low"], delta_ci_high=ci["ci_high"], p_value=p,
+               effect_size=_hedges_g(xv, bv, mean))
+    return out
+
+
+def _welch(x: np.ndarray, base: np.ndarray, alpha: float) -> dict[str, Any]:
     """Variant sample x against the baseline sample: Welch difference, Hedges' g, P(improvement)."""
     if x.size == 0 or base.size == 0:
         return {}
@@ -260,13 +386,11 @@ def _versus(x: np.ndarray, base: np.ndarray, alpha: float) -> dict[str, Any]:
                    effect_size=0.0 if d == 0 else None)
         return out
     v1, v0 = float(np.var(x, ddof=1)), float(np.var(base, ddof=1))
-    pooled = math.sqrt(((x.size - 1) * v1 + (base.size - 1) * v0) / (x.size + base.size - 2))
-    correction = 1 - 3 / (4 * (x.size + base.size) - 9)   # Hedges' small-sample factor J (Hedges & Olkin 1985)
     se = math.sqrt(v1 / x.size + v0 / base.size)
     # Welch–Satterthwaite degrees of freedom
     df = se ** 4 / ((v1 / x.size) ** 2 / (x.size - 1) + (v0 / base.size) ** 2 / (base.size - 1))
     half = float(stats.t.ppf(1 - alpha / 2, df)) * se
-    out.update(delta_ci_low=d - half, delta_ci_high=d + half, effect_size=correction * d / pooled,
+    out.update(delta_ci_low=d - half, delta_ci_high=d + half, effect_size=_hedges_g(x, base, d),
                p_value=float(stats.ttest_ind(x, base, equal_var=False).pvalue))
     return out
 

@@ -1,10 +1,14 @@
 """Comparison tables in every output format of `ablate compare`, from one document.
 
-The document is what `compare --format json` prints: `{grid, metric, alpha, rows, summary}`, with `rows` from
-`dashboards.stats.compare` and `summary` from `dashboards.stats.summary` (computed here when absent).
-Human formats (`table`, `markdown`, `latex`) share one set of formatted cells; machine formats (`csv`,
-`parquet`) share one flat record per row, with `setting` spread into `dataset` and `depth` and the paper's
-figure split into `paper` (a number, or empty) and `paper_fail` (the paper reports "fail").
+The document is what `compare --format json` prints: `{grid, metric, alpha, design, sequential, rows, summary}`,
+with `rows` from `dashboards.stats.compare` (and, for a grid run with `--until-decided`, each comparison's
+stored decision from `dashboards.sequential.overlay`), `summary` from `dashboards.stats.summary` (computed
+here when absent), `design` how Δ was computed (`paired` by seed, or `welch`) and `sequential` the stored
+plan (or null). Human formats (`table`, `markdown`, `latex`) share one set of formatted cells; `table` and
+`markdown` add a table of what pairing gains per comparison. Machine formats (`csv`, `parquet`) share one
+flat record per row, with `setting` spread into `dataset` and `depth`, the paper's figure split into
+`paper` (a number, or empty) and `paper_fail` (the paper reports "fail"), and `sequential` spread into
+`look`, `looks`, `alpha_spent`, `n_at_stop`, `stopped`.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from . import DEFAULT_DESIGN
 from .stats import summary
 
 FORMATS = ("table", "markdown", "csv", "json", "latex", "parquet")
@@ -31,14 +36,26 @@ FLAT_SCHEMA = pa.schema([
                                                           "p_holm", "effect_size", "p_improve")],
     ("decision", pa.string()), ("paper", pa.float64()), ("paper_fail", pa.bool_()), ("seeds", pa.list_(pa.int64())),
     ("paper_reference", pa.float64()), ("paper_reference_fail", pa.bool_()), ("paper_reference_setting", pa.string()),
+    ("test_size", pa.int64()), ("test_se", pa.float64()), ("pairs", pa.int64()),
+    ("unpaired_seeds", pa.list_(pa.int64())),
+    *[(k, pa.float64()) for k in ("pair_pearson", "pair_spearman", "pair_var_diff", "pair_var_sum", "pair_efficiency")],
+    ("look", pa.int64()), ("looks", pa.int64()), ("alpha_spent", pa.float64()), ("n_at_stop", pa.int64()),
+    ("stopped", pa.string()),
 ])
+SEQUENTIAL_FIELDS = ("look", "looks", "alpha_spent", "n_at_stop", "stopped")
+LIST_FIELDS = ("seeds", "unpaired_seeds")
 SUMMARY_HEADERS = ["variant", "settings", "mean rank", "wins", "ties", "losses"]   # rank 1 = lowest; vs the baseline
+PAIRING_HEADERS = ["setting", "variant", "pairs", "unpaired", "r", "ρ (Spearman)", "var(d)", "var₁+var₂",
+                   "efficiency"]
+DESIGN_TEXT = {"paired": "Δ paired by seed", "welch": "Δ by Welch's t"}
 DECISION_STYLES = {"baseline": "bold", "better": "green", "worse": "red", "equivalent": "cyan", "undecided": "dim"}
 
 
-def document(grid: str, metric: str, rows: list[dict[str, Any]], alpha: float = 0.05) -> dict[str, Any]:
+def document(grid: str, metric: str, rows: list[dict[str, Any]], alpha: float = 0.05, design: str = DEFAULT_DESIGN,
+             sequential: dict[str, Any] | None = None) -> dict[str, Any]:
     """The comparison document: what `compare --format json` prints and what `render` takes."""
-    return {"grid": grid, "metric": metric, "alpha": alpha, "rows": rows, "summary": summary(rows)}
+    return {"grid": grid, "metric": metric, "alpha": alpha, "design": design, "sequential": sequential,
+            "rows": rows, "summary": summary(rows)}
 
 
 def render(doc: dict[str, Any], fmt: str) -> str | bytes:
@@ -57,7 +74,7 @@ def write(doc: dict[str, Any], fmt: str, path: str | Path) -> None:
         Path(path).write_text(out if out.endswith("\n") else out + "\n", encoding="utf-8")
 
 
-NARROW_HIDDEN = ("setting", "95% CI", "g", "P(impr)")  # what a narrow terminal drops (settings become rows)
+NARROW_HIDDEN = ("setting", "95% CI", "test SE", "g", "P(impr)")  # what a narrow terminal drops (settings: rows)
 
 
 def print_table(doc: dict[str, Any], console: Console) -> None:
@@ -69,9 +86,19 @@ def print_table(doc: dict[str, Any], console: Console) -> None:
     table = _comparison_table(doc, headers)
     if console.measure(table, options=console.options.update_width(10_000)).maximum > console.width:
         table = _comparison_table(doc, [h for h in headers if not h.endswith(NARROW_HIDDEN)])
-        table.caption = "narrow terminal: the CI of the mean, g and P(impr) left out (--format markdown has all)"
+        table.caption = ("narrow terminal: the CI of the mean, test SE, g and P(impr) left out "
+                         "(--format markdown has all)")
         table.caption_justify = "left"
     console.print(table)
+    pairing = _pairing(doc)
+    if pairing:
+        paired = Table(title="Pairing by seed: what it gains (efficiency = var₁+var₂ / var(d))",
+                       title_justify="left")
+        for i, h in enumerate(PAIRING_HEADERS):
+            paired.add_column(h, justify="left" if i < 2 else "right", overflow="fold")
+        for cells in pairing:
+            paired.add_row(*map(Text, cells))
+        console.print(paired)
     rows = _summary(doc)
     if rows:
         across = Table(title="Across settings", title_justify="left")
@@ -83,7 +110,7 @@ def print_table(doc: dict[str, Any], console: Console) -> None:
 
 
 def _comparison_table(doc: dict[str, Any], headers: list[str]) -> Table:
-    table = Table(title=f"{doc['grid']}: {doc['metric']} (lower is better)", title_justify="left")
+    table = Table(title=_title(doc), title_justify="left")
     for i, h in enumerate(headers):
         short = h in ("n", "failed", "p_holm", "g", "P(impr)", "decision")  # never squeezed; the rest may wrap
         width = len(h) if short else max((len(r["variant"]) for r in doc["rows"]), default=0) if h == "variant" else None
@@ -99,22 +126,36 @@ def _comparison_table(doc: dict[str, Any], headers: list[str]) -> Table:
             if "setting" not in headers:
                 table.add_row(Text(cells["setting"], style="bold"), *[""] * (len(headers) - 1))
         previous = row["setting"]
-        table.add_row(*(Text(cells[h], style=DECISION_STYLES[cells[h]] if h == "decision" else "") for h in headers))
+        table.add_row(*(Text(cells[h], style=DECISION_STYLES[row["decision"]] if h == "decision" else "")
+                        for h in headers))
     return table
 
 
 # --- shared cells ------------------------------------------------------------------------------------
 
 def _complete(doc: dict[str, Any]) -> dict[str, Any]:
-    """A document from elsewhere (an older JSON, a hand-built dict) with `alpha` and `summary` filled in."""
-    return {"grid": doc["grid"], "metric": doc["metric"], "alpha": 0.05, **doc,
+    """A document from elsewhere (an older JSON, a hand-built dict) with `alpha`, `design`, `sequential` and
+    `summary` filled in (an older document does not say its design: none is claimed)."""
+    return {"grid": doc["grid"], "metric": doc["metric"], "alpha": 0.05, "design": None, "sequential": None, **doc,
             "summary": doc["summary"] if doc.get("summary") is not None else summary(doc["rows"])}
+
+
+def _title(doc: dict[str, Any]) -> str:
+    notes = ["lower is better"]
+    if doc.get("design"):
+        notes.append(DESIGN_TEXT[doc["design"]])
+    plan = doc.get("sequential")
+    if plan:
+        notes.append(f"decisions of the sequential plan: {len(plan['looks'])} looks up to {plan['looks'][-1]} seeds, "
+                     f"α {plan['alpha']:g}, margin ±{plan['margin']:g} (decision @look/looks; Δ CI at the level "
+                     f"of that look)")
+    return f"{doc['grid']}: {doc['metric']} ({'; '.join(notes)})"
 
 
 def _headers(doc: dict[str, Any]) -> list[str]:
     level = round(100 * (1 - doc["alpha"]))
-    return ["setting", "variant", "n", "failed", "mean ± std", f"{level}% CI", "Δ [CI]", "p_holm", "g", "P(impr)",
-            "decision", "paper"]
+    return ["setting", "variant", "n", "failed", "mean ± std", "test SE", f"{level}% CI", "Δ [CI]", "p_holm", "g",
+            "P(impr)", "decision", "paper"]
 
 
 def _cells(row: dict[str, Any], doc: dict[str, Any]) -> list[str]:
@@ -137,9 +178,29 @@ def _cells(row: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     if paper is None and reference is not None:  # a stand-in setting's figure, always labelled with its setting
         paper_text = (reference if isinstance(reference, str) else f"{reference:.2f}") + \
             f" ({row['paper_reference_setting']})"
-    setting = row["setting"]
-    return [f"{setting['dataset']} ResNet-{setting['depth']}", row["variant"], str(row["n"]), str(row["failed"]),
-            spread, ci, delta, p_text, g, improve, row["decision"], paper_text]
+    decision = row["decision"]
+    if row.get("sequential") and row["sequential"]["look"]:
+        decision += f" @{row['sequential']['look']}/{row['sequential']['looks']}"
+    return [_setting(row), row["variant"], str(row["n"]), str(row["failed"]), spread, num(row.get("test_se")), ci,
+            delta, p_text, g, improve, decision, paper_text]
+
+
+def _setting(row: dict[str, Any]) -> str:
+    return f"{row['setting']['dataset']} ResNet-{row['setting']['depth']}"
+
+
+def _pairing(doc: dict[str, Any]) -> list[list[str]]:
+    """One line per comparison: what pairing by seed gains over independent samples there."""
+    digits = 2 if doc["metric"].endswith("_error") else 4
+
+    def num(x: float | None, fmt: str) -> str:
+        return MISSING if x is None else f"{x:{fmt}}"
+
+    return [[_setting(r), r["variant"], str(r["pairs"]), " ".join(map(str, r.get("unpaired_seeds") or [])) or MISSING,
+             num(r.get("pair_pearson"), "+.2f"), num(r.get("pair_spearman"), "+.2f"),
+             num(r.get("pair_var_diff"), f".{digits + 1}f"), num(r.get("pair_var_sum"), f".{digits + 1}f"),
+             num(r.get("pair_efficiency"), ".2f")]
+            for r in doc["rows"] if r.get("pairs") is not None]
 
 
 def _summary(doc: dict[str, Any]) -> list[list[str]]:
@@ -152,7 +213,9 @@ def _summary(doc: dict[str, Any]) -> list[list[str]]:
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
     paper, reference = row["paper"], row.get("paper_reference")
+    plan = row.get("sequential") or {}
     return {**row["setting"], **{k: row[k] for k in FLAT_SCHEMA.names if k in row and k not in ("paper", "paper_reference")},
+            **{k: plan.get(k) for k in SEQUENTIAL_FIELDS}, "unpaired_seeds": row.get("unpaired_seeds") or [],
             "paper": None if paper is None or isinstance(paper, str) else float(paper),
             "paper_fail": paper == "fail",
             "paper_reference": None if reference is None or isinstance(reference, str) else float(reference),
@@ -172,8 +235,12 @@ def _markdown(doc: dict[str, Any]) -> str:
         align = ["---" if i < right_from or h == "decision" else "---:" for i, h in enumerate(headers)]
         return ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in [headers, align, *rows]]
 
-    out = [f"**{doc['grid']}**: {doc['metric']} (lower is better)", "",
-           *lines(_headers(doc), [_cells(r, doc) for r in doc["rows"]], right_from=2)]
+    grid, notes = _title(doc).split(": ", 1)
+    out = [f"**{grid}**: {notes}", "", *lines(_headers(doc), [_cells(r, doc) for r in doc["rows"]], right_from=2)]
+    pairing = _pairing(doc)
+    if pairing:
+        out += ["", "Pairing by seed (efficiency = var₁+var₂ / var(d): how many times the seeds independent "
+                "samples would need for the same CI):", "", *lines(PAIRING_HEADERS, pairing, right_from=2)]
     rows = _summary(doc)
     if rows:
         out += ["", "Across settings (rank 1 = lowest; wins/ties/losses against the baseline):", "",
@@ -187,7 +254,7 @@ def _csv(doc: dict[str, Any]) -> str:
     writer.writeheader()
     for row in doc["rows"]:
         flat = _flat(row)
-        writer.writerow({**flat, "seeds": " ".join(map(str, flat["seeds"]))})
+        writer.writerow({**flat, **{k: " ".join(map(str, flat[k])) for k in LIST_FIELDS}})
     return buffer.getvalue()
 
 

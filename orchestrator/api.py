@@ -14,8 +14,10 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from dashboards import DEFAULT_DESIGN, DESIGNS
+
 from .grids import GridError, GridSpec, expand_grid, parse_grid_text
-from .results import METRICS, BadRequest, NotFound, comparison, grid_status
+from .results import METRICS, BadRequest, NotFound, comparison, grid_status, seed_plan
 from .service import GridService
 
 MAX_BODY_BYTES = 1_000_000
@@ -68,8 +70,7 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
         except UnicodeDecodeError:
             raise HTTPException(400, "the body is not UTF-8 text") from None
         spec = parse_grid_text(text)
-        from .tuning import load_tuned
-        trials = len(expand_grid(spec, tuned=load_tuned(store.url)))
+        trials = len(expand_grid(spec, tuned=store.tuned_recipes()))
         return {"id": service.submit(spec), "trials": trials}
 
     @app.get("/grids", dependencies=auth)
@@ -89,8 +90,16 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
     @app.get("/grids/{grid_id}/comparison", dependencies=auth,
              responses={400: {"description": "unknown metric or baseline"}, 404: {"description": "no such grid"}})
     def compare(grid_id: str, metric: Literal[METRICS] = "test_error",
-                baseline: str | None = Query(None, max_length=64)) -> dict[str, Any]:
-        return comparison(store, grid_id, metric, baseline)
+                baseline: str | None = Query(None, max_length=64),
+                design: Literal[DESIGNS] = DEFAULT_DESIGN) -> dict[str, Any]:
+        return comparison(store, grid_id, metric, baseline, design)
+
+    @app.get("/grids/{grid_id}/plan", dependencies=auth,
+             responses={400: {"description": "unknown baseline"}, 404: {"description": "no such grid"}})
+    def plan(grid_id: str, delta: float = Query(gt=0, le=100, description="the difference to decide, in points"),
+             power: float = Query(0.8, ge=0.5, lt=1), alpha: float = Query(0.05, gt=0, lt=0.5),
+             baseline: str | None = Query(None, max_length=64)) -> dict[str, Any]:
+        return seed_plan(store, grid_id, delta, power, alpha, baseline)
 
     @app.get("/grids/{grid_id}/report", dependencies=auth, response_class=HTMLResponse,
              responses={404: {"description": "no such grid"}})

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ablations.spec import BLOCKS, DATASET_SHAPES, SHORTCUTS, UNITS, VARIANTS
+from dashboards import DEFAULT_DESIGN, DESIGNS
 
 
 class UsageError(ValueError):
@@ -124,11 +125,13 @@ def cmd_probe(args: argparse.Namespace) -> Any:
 
 def recipe_overrides(args: argparse.Namespace):
     """The recipe named by --recipe with --set FIELD=VALUE on top (epochs counted over the dataset's training
-    set, or --subset), and --iterations rescaling it."""
+    set, or --subset); --iterations K is `--set iterations=K` (the schedule stretched to K iterations, as
+    `iterations` in a grid's recipe)."""
     from workers.recipes import parse_override, resolve_recipe, training_size
-    recipe = resolve_recipe(args.recipe, dict(parse_override(item) for item in args.set),
-                            train_size=training_size(args.dataset, args.subset))
-    return recipe.with_iterations(args.iterations) if args.iterations else recipe
+    overrides = dict(parse_override(item) for item in args.set)
+    if args.iterations:
+        overrides["iterations"] = args.iterations
+    return resolve_recipe(args.recipe, overrides, train_size=training_size(args.dataset, args.subset))
 
 
 def cmd_train(args: argparse.Namespace) -> Any:
@@ -159,10 +162,11 @@ def _find_grid(store, ref: str):
     return row
 
 
-def comparison(store, grid_id: str, metric: str = "test_error", baseline: str | None = None) -> dict[str, Any]:
+def comparison(store, grid_id: str, metric: str = "test_error", baseline: str | None = None,
+               design: str = DEFAULT_DESIGN) -> dict[str, Any]:
     from .results import BadRequest, comparison as compute
     try:
-        return compute(store, grid_id, metric, baseline)
+        return compute(store, grid_id, metric, baseline, design)
     except BadRequest as exc:
         raise UsageError(str(exc)) from None
 
@@ -172,16 +176,15 @@ def cmd_run(args: argparse.Namespace) -> Any:
     from .scheduler import GridInterrupted, GridRunner
     from .tracking import ui_command
     spec = load_grid(args.grid)
-    if args.max_seeds is not None and not args.until_decided:
-        raise UsageError("--max-seeds goes with --until-decided")
+    if not args.until_decided and any(v is not None for v in (args.max_seeds, args.batch, args.margin)):
+        raise UsageError("--max-seeds, --batch and --margin go with --until-decided")
     store = _store()
     runner = GridRunner(store=store, progress=True)
     try:
         if args.until_decided:
             from .adaptive import run_until_decided
-            max_seeds = args.max_seeds or 4 * len(spec.seed_list)
             try:
-                out = run_until_decided(runner, spec, max_seeds, args.batch)
+                out = run_until_decided(runner, spec, args.max_seeds, args.batch, args.margin)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         else:
@@ -302,27 +305,41 @@ def cmd_grids(args: argparse.Namespace) -> Any:
 
 
 def cmd_compare(args: argparse.Namespace) -> Any:
-    from dashboards.tables import FORMATS, render
+    """`--format F` is F wherever it goes: standard output, or FILE with `-o` (then `{"written": FILE}` is the
+    result). `--json` without `-o` prints the document whatever the format, as every command's `--json`."""
+    from dashboards.tables import FORMATS, render, write
     if args.format not in FORMATS:
         raise UsageError(f"unknown format {args.format!r}; choose one of: {', '.join(FORMATS)}")
+    if args.format == "parquet" and not args.output and (args.json or sys.stdout.isatty()):
+        raise UsageError("--format parquet needs -o FILE (or standard output redirected, without --json)")
     if args.server:
         import urllib.parse
-        query = urllib.parse.urlencode({"metric": args.metric, **({"baseline": args.baseline} if args.baseline else {})})
+        query = urllib.parse.urlencode({"metric": args.metric, "design": args.design,
+                                        **({"baseline": args.baseline} if args.baseline else {})})
         doc = http(args, "GET", f"/grids/{_quote(args.grid)}/comparison?{query}")
     else:
         store = _store()
-        doc = comparison(store, _find_grid(store, args.grid).id, args.metric, args.baseline)
-    if args.format == "parquet" and not args.output:
-        raise UsageError("--format parquet needs -o FILE")
-    if args.json or args.format == "json":
-        if args.output:
-            Path(args.output).write_text(json.dumps(doc, indent=1))
-        return doc
-    rendered = render(doc, args.format)
+        doc = comparison(store, _find_grid(store, args.grid).id, args.metric, args.baseline, args.design)
     if args.output:
-        Path(args.output).write_bytes(rendered if isinstance(rendered, bytes) else rendered.encode())
+        write(doc, args.format, args.output)
         return {"written": args.output}
-    return Rendered(rendered)
+    if args.json:
+        return doc
+    return Rendered(render(doc, args.format))
+
+
+def cmd_plan(args: argparse.Namespace) -> Any:
+    from .results import BadRequest, seed_plan
+    if args.server:
+        import urllib.parse
+        query = urllib.parse.urlencode({"delta": args.delta, "power": args.power, "alpha": args.alpha,
+                                        **({"baseline": args.baseline} if args.baseline else {})})
+        return http(args, "GET", f"/grids/{_quote(args.grid)}/plan?{query}")
+    store = _store()
+    try:
+        return seed_plan(store, _find_grid(store, args.grid).id, args.delta, args.power, args.alpha, args.baseline)
+    except BadRequest as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_report(args: argparse.Namespace) -> Any:
@@ -352,11 +369,36 @@ def cmd_tune(args: argparse.Namespace) -> Any:
     return out
 
 
-class Rendered(str):
-    """Already formatted output: printed as it is."""
+class Rendered:
+    """Already formatted output: printed as it is (text, or bytes for a binary format)."""
+
+    def __init__(self, content: str | bytes):
+        self.content = content
 
 
 # ----------------------------------------------------------------------------------------------- printing
+def print_plan(plan: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    def text(x: Any, fmt: str = "") -> str:
+        return "–" if x is None else f"{x:{fmt}}"
+
+    table = Table(title=f"{plan['grid']}: seeds to decide Δ = {plan['delta']:g} points with power {plan['power']:g} "
+                        f"(paired t at α/{plan['comparisons']} = {plan['alpha_per_comparison']:.3g})",
+                  title_justify="left")
+    for i, h in enumerate(("setting", "variant", "pairs", "SD(d)", "seeds", "--until-decided max", "more",
+                           "trial-hours")):
+        table.add_column(h, justify="left" if i < 2 else "right")
+    for r in plan["rows"]:
+        table.add_row(f"{r['setting']['dataset']} ResNet-{r['setting']['depth']}", r["variant"], str(r["pairs"]),
+                      text(r["sd_diff"], ".3f"), text(r["seeds"]) if r["reason"] is None else r["reason"],
+                      text(r["max_seeds"]), text(r["more_seeds"]), text(r["trial_hours"], ".2f"))
+    console.print(table)
+    console.print(f"total: {text(plan['total_trial_hours'], '.2f')} trial-hours (each setting's baseline counted "
+                  f"once); --until-decided needs {plan['sequential_inflation']:.2f}× the seeds at its last look",
+                  highlight=False)
+
+
 def print_human(name: str, result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -365,7 +407,13 @@ def print_human(name: str, result: Any) -> None:
     if name == "submit":
         print(result["id"])
     elif isinstance(result, Rendered):
-        sys.stdout.write(result if result.endswith("\n") else result + "\n")
+        if isinstance(result.content, bytes):
+            sys.stdout.flush()
+            sys.stdout.buffer.write(result.content)
+        else:
+            sys.stdout.write(result.content if result.content.endswith("\n") else result.content + "\n")
+    elif name == "plan":
+        print_plan(result, console)
     elif name == "run":
         from dashboards.tables import print_table
         print_table(result["comparison"], console)
@@ -407,7 +455,7 @@ def print_human(name: str, result: Any) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "models": cmd_models, "probe": cmd_probe, "train": cmd_train, "run": cmd_run, "status": cmd_status,
     "cancel": cmd_cancel, "grids": cmd_grids, "compare": cmd_compare, "submit": cmd_submit, "serve": cmd_serve,
-    "report": cmd_report, "tune": cmd_tune, "data": cmd_data}
+    "report": cmd_report, "tune": cmd_tune, "plan": cmd_plan, "data": cmd_data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add batches of seeds to undecided comparisons only (group-sequential α spending)")
     p.add_argument("--max-seeds", type=int, help="seed cap per variant with --until-decided (default 4× the grid's)")
     p.add_argument("--batch", type=int, help="seeds added per look (default: the grid's seed count)")
+    p.add_argument("--margin", type=float, help="with --until-decided: the difference that matters, in points; "
+                   "a smaller one is `equivalent` or stops for futility (default 0.2)")
     p = command("status", "trial counts per state, for one grid or all")
     p.add_argument("grid", nargs="?", help="grid id or name (newest grid of that name)")
     p.add_argument("--server", help="ask the Ablate service at URL instead of the local state")
@@ -473,7 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test_error (top-1 %%), test_error_top5, train_loss or train_error")
     p.add_argument("--baseline", help="variant to compare against (default: the grid's baseline)")
     p.add_argument("--format", default="table", help="table, markdown, csv, json, latex, parquet")
+    p.add_argument("--design", choices=DESIGNS, default=DEFAULT_DESIGN,
+                   help="Δ paired by seed (Ablate's grids share seeds across variants) or Welch's independent samples")
     p.add_argument("-o", "--output", help="write to FILE")
+    p.add_argument("--server", help="ask the Ablate service at URL instead of the local state")
+    p = command("plan", "seeds per comparison needed to decide a difference of D points, and their cost")
+    p.add_argument("grid", help="a grid (or a pilot grid) with finished seeds")
+    p.add_argument("--delta", type=float, required=True, help="the difference to decide, in points")
+    p.add_argument("--power", type=float, default=0.8, help="chance of deciding it when it is there (default 0.8)")
+    p.add_argument("--alpha", type=float, default=0.05, help="family-wise error (default 0.05)")
+    p.add_argument("--baseline", help="variant to compare against (default: the grid's baseline)")
     p.add_argument("--server", help="ask the Ablate service at URL instead of the local state")
     return parser
 

@@ -5,8 +5,11 @@ import functools
 import json
 import threading
 
+from ablations.spec import DATASET_SHAPES
+from workers.config import TrialConfig
+
 from .results import comparison, grid_spec, grid_status
-from .state import StateStore
+from .state import BaseStateStore
 
 # A probe is one forward/backward pass at initialisation on the server's CPU: fine up to ResNet-164.
 PROBE_MAX_DEPTH = 170
@@ -18,9 +21,7 @@ _RENDER_LOCK = threading.Lock()
 def _probe(config_json: str) -> dict:
     """Propagation at initialisation for one trial configuration (cached: the report asks again and again)."""
     import torch
-    from ablations import build_model, probe_propagation
-    from ablations.spec import DATASET_SHAPES
-    from workers.config import TrialConfig
+    from ablations import build_model, probe_propagation  # torch
     config = TrialConfig.model_validate_json(config_json)
     channels, size, classes = DATASET_SHAPES[config.dataset]
     torch.manual_seed(0)
@@ -30,8 +31,8 @@ def _probe(config_json: str) -> dict:
     return probe_propagation(build_model(config.model), x, y)
 
 
-def grid_report(store: StateStore, grid_id: str, mlflow_url: str | None = None) -> str:
-    from dashboards.report import render_report
+def grid_report(store: BaseStateStore, grid_id: str, mlflow_url: str | None = None) -> str:
+    from dashboards.report import render_report  # matplotlib
     spec = grid_spec(store, grid_id)
     trials = store.grid_trials(grid_id)
     rows = []

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dashboards import DEFAULT_DESIGN, DESIGNS
+
 from .grids import GridSpec, parse_grid
-from .state import StateStore
+from .state import BaseStateStore
 
 # test_error is the top-1 error; test_error_top5 is reported on ImageNet-style datasets only.
 METRICS = ("test_error", "test_error_top5", "train_loss", "train_error")
@@ -19,45 +21,64 @@ class BadRequest(ValueError):
     """A valid grid, asked something it cannot answer (unknown baseline, metric)."""
 
 
-def grid_spec(store: StateStore, grid_id: str) -> GridSpec:
+def grid_spec(store: BaseStateStore, grid_id: str) -> GridSpec:
     row = store.grid(grid_id)
     if row is None:
         raise NotFound(f"no grid {grid_id!r}")
     return parse_grid(json.loads(row.spec))
 
 
-def comparison(store: StateStore, grid_id: str, metric: str = "test_error",
-               baseline: str | None = None) -> dict[str, Any]:
-    """The comparison document of `ablate compare --format json` and `GET /grids/{id}/comparison`."""
+def _baseline(spec: GridSpec, baseline: str | None) -> str:
+    base = baseline or spec.baseline_name
+    if base not in spec.variant_names():
+        raise BadRequest(f"baseline {base!r} is not a variant of this grid: {', '.join(spec.variant_names())}")
+    return base
+
+
+def comparison(store: BaseStateStore, grid_id: str, metric: str = "test_error", baseline: str | None = None,
+               design: str = DEFAULT_DESIGN) -> dict[str, Any]:
+    """The comparison document of `ablate compare --format json` and `GET /grids/{id}/comparison`.
+
+    Every Ablate grid gives seed s to every variant, so the design is paired; `welch` is there for readers
+    who want the independent-samples analysis. A grid run with `--until-decided` has a stored plan: for its
+    metric and baseline, each comparison's decision is the plan's (dashboards.sequential.overlay)."""
+    from dashboards.sequential import overlay
     from dashboards.stats import compare
     from dashboards.tables import document
     spec = grid_spec(store, grid_id)
     if metric not in METRICS:
         raise BadRequest(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
-    base = baseline or spec.baseline_name
-    if base not in spec.variant_names():
-        raise BadRequest(f"baseline {base!r} is not a variant of this grid: {', '.join(spec.variant_names())}")
-    table = store.results_table(grid_id)
-    if metric not in table.column_names:
-        table = table.append_column(metric, [_from_records(store, grid_id, table, metric)])
+    if design not in DESIGNS:
+        raise BadRequest(f"unknown design {design!r}; choose one of: {', '.join(DESIGNS)}")
+    base = _baseline(spec, baseline)
+    plan = store.sequential_plan(grid_id)
+    if plan is not None and (plan["metric"], plan["baseline"]) != (metric, base):
+        plan = None   # the plan decided another question
     try:
-        rows = compare(table, baseline=base, metric=metric,
-                       variant_order=spec.variant_names(), paper_reference=spec.paper_setting)
+        rows = compare(store.results_table(grid_id), baseline=base, metric=metric,
+                       variant_order=spec.variant_names(), paper_reference=spec.paper_setting, design=design,
+                       **({"delta": plan["margin"], "alpha": plan["alpha"]} if plan else {}))
     except ValueError as exc:  # e.g. the baseline has no trials in this grid yet
         raise BadRequest(str(exc)) from None
-    return document(grid_id, metric, rows)
+    if plan is not None:
+        overlay(rows, plan, store.sequential_looks(grid_id))
+    return document(grid_id, metric, rows, alpha=plan["alpha"] if plan else 0.05, design=design, sequential=plan)
 
 
-def _from_records(store: StateStore, grid_id: str, table, metric: str) -> list[float | None]:
-    """A metric the state keeps no column for (top-5 error), read from the trials' result records, in the
-    table's row order."""
-    values = {(t["dataset"], t["depth"], t["variant"], t["seed"]): (t["result"] or {}).get(metric)
-              for t in store.grid_trials(grid_id)}
-    keys = zip(*(table[c].to_pylist() for c in ("dataset", "depth", "variant", "seed")))
-    return [values.get(key) for key in keys]
+def seed_plan(store: BaseStateStore, grid_id: str, delta: float, power: float = 0.8, alpha: float = 0.05,
+              baseline: str | None = None) -> dict[str, Any]:
+    """`ablate plan` and `GET /grids/{id}/plan`: seeds per comparison to decide a difference of `delta`."""
+    from dashboards.planning import plan_seeds
+    spec = grid_spec(store, grid_id)
+    base = _baseline(spec, baseline)
+    try:
+        out = plan_seeds(store.results_table(grid_id), base, delta, power, alpha, store.trial_durations(grid_id))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    return {"grid": grid_id, **out}
 
 
-def grid_status(store: StateStore, grid_id: str) -> dict[str, Any]:
+def grid_status(store: BaseStateStore, grid_id: str) -> dict[str, Any]:
     row = store.grid(grid_id)
     if row is None:
         raise NotFound(f"no grid {grid_id!r}")

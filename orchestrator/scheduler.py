@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from workers.sinks import NullSink
 
+from .cluster import ensure_ray
 from .grids import GridSpec, GridTrial, expand_grid
 from .state import DONE, STALE_AFTER_S, StateStore, ablate_home
 from .tracking import MlflowSink, Tracker
@@ -39,44 +40,24 @@ def checkpoint_root() -> Path:
 
 def execute_trial(task: dict[str, Any]) -> dict[str, Any]:
     """The Ray task body: one trial, metrics streamed to its MLflow child run when there is one."""
-    from workers.trainer import TrialConfig, run_trial
-    sink = MlflowSink(task["tracking_uri"], task["run_id"]) if task.get("run_id") else None
-    result = run_trial(TrialConfig.model_validate_json(task["config"]), checkpoint_dir=task["checkpoint_dir"],
-                       sink=sink, threads=task["threads"], device=task["device"], data_dir=task.get("data_dir"),
-                       time_limit_s=task.get("timeout_s"))
-    if sink is not None and sink.delivered(result):
-        # The live run already holds the whole history: the driver's sync need not read it back.
-        result[LIVE_KEY] = task["run_id"]
-    return result
+    return execute_group([task])[0]
 
 
 def execute_group(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The Ray task body for `fuse_seeds`: seeds of one cell trained as one fused network
-    (workers/fused.py); checkpoints, results and MLflow runs stay per seed."""
-    from workers.fused import run_fused
-    from workers.trainer import TrialConfig
+    """The Ray task body: the seeds of one cell (one, or a `fuse_seeds` group) trained by the one loop
+    (workers/trainer.py); checkpoints, results and MLflow runs stay per seed."""
+    from workers.trainer import TrialConfig, run_trials
     sinks = [MlflowSink(t["tracking_uri"], t["run_id"]) if t.get("run_id") else None for t in tasks]
     first = tasks[0]
-    results = run_fused([TrialConfig.model_validate_json(t["config"]) for t in tasks],
-                        checkpoint_dirs=[t["checkpoint_dir"] for t in tasks],
-                        sinks=[s or NullSink() for s in sinks], threads=first["threads"], device=first["device"],
-                        data_dir=first.get("data_dir"), time_limit_s=first.get("timeout_s"))
+    results = run_trials([TrialConfig.model_validate_json(t["config"]) for t in tasks],
+                         checkpoint_dirs=[t["checkpoint_dir"] for t in tasks],
+                         sinks=[s or NullSink() for s in sinks], threads=first["threads"], device=first["device"],
+                         data_dir=first.get("data_dir"), time_limit_s=first.get("timeout_s"))
     for task, sink, result in zip(tasks, sinks, results):
         if sink is not None and sink.delivered(result):
+            # The live run already holds the whole history: the driver's sync need not read it back.
             result[LIVE_KEY] = task["run_id"]
     return results
-
-
-def ensure_ray() -> None:
-    """Connect to RAY_ADDRESS when set, else start a private local Ray (never someone else's)."""
-    import ray
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 class GridRunner:
@@ -167,8 +148,7 @@ class GridRunner:
     # -------------------------------------------------------------------------------------------- run
     def submit(self, spec: GridSpec, extra: list[GridTrial] = ()) -> str:
         """Validate, expand and record the grid (no training yet); returns its id. Idempotent."""
-        from .tuning import load_tuned
-        tuned = load_tuned(self.store.url) if spec.tuned_names() else {}
+        tuned = self.store.tuned_recipes() if spec.tuned_names() else {}
         trials = expand_grid(spec, tuned=tuned)
         _reject_duplicates(trials)
         known = {t.key for t in trials}

@@ -15,15 +15,15 @@ import traceback
 
 from .grids import GridSpec, parse_grid
 from .scheduler import GridRunner
-from .state import StateStore
+from .state import BaseStateStore, get_store
 from .tracking import Tracker
 
 MONITOR_EVERY_S = 2.0
 
 
 class GridService:
-    def __init__(self, store: StateStore | None = None, tracker: Tracker | None = None, **runner_options):
-        self.store = store or StateStore()
+    def __init__(self, store: BaseStateStore | str | None = None, tracker: Tracker | None = None, **runner_options):
+        self.store = get_store(store)
         self.tracker = tracker or Tracker()
         self.runner_options = runner_options
         self._running: dict[str, threading.Thread] = {}

@@ -147,6 +147,12 @@ class Tracker:
         self.client.log_batch(run_id, metrics=[Metric(f"trials_{k}", v, now, 0) for k, v in counts.items()])
         self.client.set_terminated(run_id, "FINISHED" if counts.get("error", 0) == 0 else "FAILED")
 
+    def tag_run(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+        items = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, tags=items[i:i + 100])
+
     def start_trial(self, name: str, grid_id: str, parent_run_id: str, trial: dict[str, Any],
                     config: dict[str, Any]) -> str:
         from mlflow.entities import Param

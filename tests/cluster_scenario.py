@@ -159,7 +159,8 @@ def main(workdir: Path) -> dict:
         import ray
 
         from orchestrator.grids import load_grid
-        from orchestrator.scheduler import GridRunner, ensure_ray
+        from orchestrator.cluster import ensure_ray
+        from orchestrator.scheduler import GridRunner
         from orchestrator.state import StateStore
         ensure_ray()  # the scheduler's own connection path: RAY_ADDRESS is set
 

@@ -1,15 +1,19 @@
-"""Fixtures for tests that use real services: an MLflow server process, a local Ray, an isolated home."""
+"""Fixtures for tests that use real services: an MLflow server, a PostgreSQL cluster, a local Ray, an isolated home."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.postgres import Postgres, postgres_missing
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -65,6 +69,22 @@ def mlflow_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster for the session; tests make their own databases in it."""
+    if reason := postgres_missing():
+        pytest.skip(reason)
+    scratch = Path(tempfile.mkdtemp(prefix="ablate-pg-", dir="/tmp"))  # short (socket path); `postgres` may enter
+    os.chmod(scratch, 0o755)
+    server = Postgres(scratch / "pg", free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

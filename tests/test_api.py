@@ -99,3 +99,17 @@ def test_openapi_documents_the_grid_body(client):
     body = schema["paths"]["/grids"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/GridSpec"}
     assert "VariantSpec" in schema["components"]["schemas"]
+
+
+def test_comparison_design_and_plan_endpoints(client):
+    grid_id = client.post("/grids", content=GRID_YAML).json()["id"]
+    assert client.get(f"/grids/{grid_id}/comparison").json()["design"] == "paired"
+    assert client.get(f"/grids/{grid_id}/comparison", params={"design": "welch"}).json()["design"] == "welch"
+    assert client.get(f"/grids/{grid_id}/comparison", params={"design": "pooled"}).status_code == 422
+    plan = client.get(f"/grids/{grid_id}/plan", params={"delta": 0.5})
+    assert plan.status_code == 200 and plan.json()["rows"] == [] and plan.json()["power"] == 0.8
+    for params in ({}, {"delta": -1}, {"delta": 0.5, "power": 1.5}, {"delta": "nan"}):
+        assert client.get(f"/grids/{grid_id}/plan", params=params).status_code == 422
+    assert client.get("/grids/nope/plan", params={"delta": 0.5}).status_code == 404
+    r = client.get(f"/grids/{grid_id}/plan", params={"delta": 0.5, "baseline": "nope"})
+    assert r.status_code == 400 and "not a variant" in r.json()["detail"]

@@ -23,11 +23,11 @@ import torch
 
 from ablations import SHORTCUTS, UNITS, build_model, count_macs, count_params, make_spec
 from ablations.resnet import join_states, split_state
-from workers import fused
+from workers import trainer
 from workers.checkpoint import checkpoints
-from workers.fused import check_group, fused_model, run_fused
+from workers.fused import check_group, fused_model
 from workers.recipes import resolve_recipe
-from workers.trainer import run_trial, trial_config
+from workers.trainer import device_data, evaluate, run_trial, run_trials, trial_config
 
 TINY = dict(depth=8, block="basic", width=4)
 SEEDS = (0, 1, 2)
@@ -37,11 +37,12 @@ TEST_LOSS_RTOL = 1e-2
 ERROR_IMAGES = 2  # test (and training) errors may differ by this many images
 SMALLEST = {"basic": 8, "bottleneck": 11}
 SHORTCUT_EXTRAS = {"scale": dict(shortcut_scale=0.5, residual_scale=0.5), "exclusive_gate": dict(gate_bias=-2.0),
-                   "shortcut_gate": dict(gate_bias=-2.0), "dropout": dict(dropout=0.5)}
+                   "shortcut_gate": dict(gate_bias=-2.0), "dropout": dict(dropout=0.5),
+                   "inverted_dropout": dict(dropout=0.5)}
 
 
 def config(seed, **recipe_fields):
-    recipe = resolve_recipe("smoke", {"iterations": ITERATIONS, "eval_every": 10, "checkpoint_every": 10,
+    recipe = resolve_recipe("smoke", {"iterations": ITERATIONS, "eval_every": 10, "log_every": 10, "checkpoint_every": 10,
                                       "milestones": (), **recipe_fields})
     return trial_config(TINY, "synthetic", recipe, seed, subset=512)
 
@@ -55,7 +56,7 @@ def solo():
 def group(tmp_path_factory):
     root = tmp_path_factory.mktemp("fused")
     dirs = [root / f"seed{s}" for s in SEEDS]
-    return run_fused([config(s) for s in SEEDS], checkpoint_dirs=dirs, threads=1), dirs
+    return run_trials([config(s) for s in SEEDS], checkpoint_dirs=dirs, threads=1), dirs
 
 
 def assert_close_history(fused_history, solo_history):
@@ -94,7 +95,7 @@ def test_every_variant_fuses_and_matches_solo_per_copy(unit, shortcut, block, on
     xs = [torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in seeds]  # any size pools
     x = torch.cat(xs, 1).contiguous(memory_format=torch.channels_last)
     # Training mode too (BN batch statistics per copy), except for dropout, whose masks are random.
-    for training in (False,) if shortcut == "dropout" else (False, True):
+    for training in (False,) if "dropout" in shortcut else (False, True):
         out = model.train(training)(x).unflatten(1, (len(seeds), -1))
         for j, solo in enumerate(solos):
             torch.testing.assert_close(out[:, j], solo.train(training)(xs[j]), rtol=1e-5, atol=1e-5)
@@ -126,11 +127,11 @@ def test_fused_seeds_equal_solo_trials(solo, group):
     results, _ = group
     for seed, result in zip(SEEDS, results):
         reference = solo[seed]
-        assert set(result) == set(reference) | {"fused"} and result["fused"] == len(SEEDS)
+        assert set(result) == set(reference) and (result["fused"], reference["fused"]) == (len(SEEDS), 1)
         assert (result["status"], result["iterations"], result["key"]) == ("finished", ITERATIONS, reference["key"])
         assert result["config"] == reference["config"]
         assert_close_history(result["history"], reference["history"])
-        assert result["train_loss"] == result["history"][-1]["train_loss"]
+        assert result["train_loss"] == [h for h in result["history"] if "train_loss" in h][-1]["train_loss"]
 
 
 def test_checkpoints_are_solo_checkpoints(solo, group, tmp_path):
@@ -141,7 +142,7 @@ def test_checkpoints_are_solo_checkpoints(solo, group, tmp_path):
     assert [f.name for f in checkpoints(folder)] == ["ckpt-000000020.pt", "ckpt-000000010.pt"]
     checkpoints(folder)[0].unlink()
     state = torch.load(checkpoints(folder)[0], weights_only=True)
-    assert set(state) == {"config", "model", "optimizer", "history", "window", "iteration"}
+    assert set(state) == {"config", "model", "optimizer", "history", "window", "iteration", "precision", "compiled"}
     reference = build_model(make_spec(**{**TINY, "in_channels": 3, "num_classes": 10})).state_dict()
     assert {k: v.shape for k, v in state["model"].items()} == {k: v.shape for k, v in reference.items()}
     # The solo trainer resumes a fused seed and lands where the solo trial lands.
@@ -157,7 +158,7 @@ def test_group_resumes_from_the_newest_common_checkpoint(group, tmp_path):
         shutil.copytree(source, target)
         (target / "result.json").unlink()
     checkpoints(copies[0])[0].unlink()  # seed 0 died before writing iteration 20: the group restarts at 10
-    resumed = run_fused([config(s) for s in SEEDS], checkpoint_dirs=copies, threads=1)
+    resumed = run_trials([config(s) for s in SEEDS], checkpoint_dirs=copies, threads=1)
     for before, after in zip(results, resumed):
         assert after["resumed_from"] == 10
         # Same group, same threads: the fused run itself is deterministic, bit for bit.
@@ -166,33 +167,41 @@ def test_group_resumes_from_the_newest_common_checkpoint(group, tmp_path):
 
 
 def test_a_diverging_seed_stops_alone(solo, tmp_path, monkeypatch):
-    real = fused.seed_batch
+    real = trainer.seed_batch
 
     def poisoned(train_x, train_y, batches, seed, iteration, *rest):
         xb, yb = real(train_x, train_y, batches, seed, iteration, *rest)
         return (xb * float("inf") if seed == 1 and iteration >= 15 else xb), yb
 
-    monkeypatch.setattr(fused, "seed_batch", poisoned)
+    monkeypatch.setattr(trainer, "seed_batch", poisoned)
     dirs = [tmp_path / f"seed{s}" for s in SEEDS]
-    results = run_fused([config(s) for s in SEEDS], checkpoint_dirs=dirs, threads=1)
+    configs = [config(s, checkpoint_every=5) for s in SEEDS]
+    results = run_trials(configs, checkpoint_dirs=dirs, threads=1)
     bad = results[1]
     assert (bad["status"], bad["diverged_at"], bad["iterations"], bad["train_loss"]) == ("diverged", 15, 15, None)
-    assert 0.0 <= bad["test_error"] <= 100.0 and bad["fused"] == 3
+    assert bad["fused"] == 3 and bad["divergence"]["loss"] == "nan"
+    # Scored alone in its last finite state: the weights and BN statistics its checkpoint at 15 holds.
+    last_finite = torch.load(dirs[1] / "ckpt-000000015.pt", weights_only=True)["model"]
+    data, (_, _, eval_x, eval_y, mean, scale) = device_data(configs[1], torch.device("cpu"), None)
+    model = build_model(configs[1].model)
+    model.load_state_dict(last_finite)
+    expected = evaluate(model.to(memory_format=torch.channels_last), eval_x, eval_y, mean, scale, False)[0][0]
+    assert bad["test_error"] == pytest.approx(expected, abs=1e-9)
     assert_close_history(bad["history"], solo[1]["history"][:1])  # the evaluation before it diverged
     assert json.loads((dirs[1] / "result.json").read_text())["status"] == "diverged"
-    assert [f.name for f in checkpoints(dirs[1])] == ["ckpt-000000010.pt"]
+    assert [f.name for f in checkpoints(dirs[1])] == ["ckpt-000000015.pt", "ckpt-000000010.pt"]
     for j in (0, 2):
         assert results[j]["status"] == "finished"
         assert_close_history(results[j]["history"], solo[SEEDS[j]]["history"])
     # Run again: every seed has its result, so nothing trains and the stored records come back.
-    monkeypatch.setattr(fused, "seed_batch", None)
-    assert run_fused([config(s) for s in SEEDS], checkpoint_dirs=dirs, threads=1) == results
+    monkeypatch.setattr(trainer, "seed_batch", None)
+    assert run_trials(configs, checkpoint_dirs=dirs, threads=1) == results
 
 
 def test_dropout_variant_trains_fused():
     recipe = resolve_recipe("smoke", {"iterations": 10, "eval_every": 10, "milestones": ()})
     configs = [trial_config({**TINY, "shortcut": "dropout"}, "synthetic", recipe, s, subset=512) for s in (0, 1)]
-    a, b = run_fused(configs, threads=1), run_fused(configs, threads=1)
+    a, b = run_trials(configs, threads=1), run_trials(configs, threads=1)
     assert [r["status"] for r in a] == ["finished", "finished"]
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]  # reproducible for the same group
 
@@ -203,4 +212,4 @@ def test_group_must_differ_only_in_seed():
     with pytest.raises(ValueError, match="distinct seeds"):
         check_group([config(0), config(0)])
     with pytest.raises(ValueError, match="checkpoint_dirs has 1 entries for 2 configs"):
-        run_fused([config(0), config(1)], checkpoint_dirs=["x"])
+        run_trials([config(0), config(1)], checkpoint_dirs=["x"])

@@ -32,7 +32,12 @@ def test_training_size_follows_subset_and_validation(dataset, subset, validation
 
 def test_epochs_resolve_over_the_given_size_and_overrides_replace_their_twin():
     small = resolve_recipe({"base": "paper-imagenet", "epochs": 3, "milestones_epochs": [1, 2]}, train_size=2560)
-    assert (small.iterations, small.milestones, small.eval_every) == (30, (10, 20), 10)
+    assert (small.iterations, small.milestones) == (30, (10, 20))
+    # `epochs` is `iterations` counted in epochs: it stretches the base schedule too (90 epochs → 3: the
+    # evaluation once an epoch becomes once every 1/30 epoch), unless the interval is given beside it.
+    assert small.eval_every == 1
+    again = resolve_recipe({"base": "paper-imagenet", "epochs": 3, "eval_every_epochs": 1}, train_size=2560)
+    assert (again.milestones, again.eval_every) == ((10, 20), 10)
     # An iteration field given on top replaces its epoch twin, and the reverse.
     mixed = resolve_recipe("paper-imagenet", {"iterations": 25, "milestones": [5]}, train_size=2560)
     assert (mixed.iterations, mixed.milestones) == (25, (5,))

@@ -14,14 +14,15 @@ import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from dashboards.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, RESULTS_SCHEMA, compare, results_to_arrow,
-                              summary)
+from dashboards.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, RESULTS_SCHEMA, compare, paired_differences,
+                              results_to_arrow, summary)
 from dashboards.tables import document, render
 
 BASE = [6.61, 6.72, 6.48, 6.90, 6.55]
 FIELDS = {"setting", "variant", "n", "failed", "mean", "std", "median", "min", "max", "ci_low", "ci_high", "delta",
           "delta_ci_low", "delta_ci_high", "p_value", "p_holm", "effect_size", "p_improve", "decision", "paper",
-          "seeds", "paper_reference", "paper_reference_setting"}
+          "seeds", "paper_reference", "paper_reference_setting", "test_size", "test_se", "pairs", "unpaired_seeds",
+          "pair_pearson", "pair_spearman", "pair_var_diff", "pair_var_sum", "pair_efficiency", "sequential"}
 
 
 def trials(variant: str, values, *, dataset="cifar10", depth=110, status="finished", seed0=0) -> list[dict]:
@@ -77,7 +78,7 @@ def test_bca_bootstrap_from_ten_runs_t_below():
 def test_welch_p_value_and_interval_by_hand():
     x = np.array([6.1, 6.4, 5.9, 6.3, 6.0, 6.6, 6.2, 5.8])
     b = np.array(BASE)
-    row = pair(x)
+    row = pair(x, design="welch")
     assert row["p_value"] == pytest.approx(stats.ttest_ind(x, b, equal_var=False).pvalue)
     a1, a0 = x.var(ddof=1) / x.size, b.var(ddof=1) / b.size
     df = (a1 + a0) ** 2 / (a1 ** 2 / (x.size - 1) + a0 ** 2 / (b.size - 1))   # Welch–Satterthwaite
@@ -90,17 +91,25 @@ def test_hedges_g_formula_and_sign():
     x, b = np.array([6.1, 6.4, 5.9, 6.3]), np.array(BASE)
     pooled = math.sqrt(((x.size - 1) * x.var(ddof=1) + (b.size - 1) * b.var(ddof=1)) / (x.size + b.size - 2))
     j = 1 - 3 / (4 * (x.size + b.size) - 9)
-    g = pair(x)["effect_size"]
+    g = pair(x, design="welch")["effect_size"]
     assert g == pytest.approx(j * (x.mean() - b.mean()) / pooled) and g < 0   # lower error: negative
-    assert pair(x + 1.5)["effect_size"] > 0
+    assert pair(x + 1.5, design="welch")["effect_size"] > 0
+    # paired: the same formula over the seeds both arms have (seeds 0-3 of the baseline)
+    b4 = b[:4]
+    pooled = math.sqrt((x.var(ddof=1) + b4.var(ddof=1)) / 2)
+    j = 1 - 3 / (4 * 8 - 9)
+    assert pair(x)["effect_size"] == pytest.approx(j * (x.mean() - b4.mean()) / pooled)
 
 
 def test_p_improve_is_u_over_n1n2_with_ties_half():
     x, b = [6.0, 6.5, 6.55, 6.9, 7.0], BASE
     expected = stats.mannwhitneyu(b, x).statistic / (len(x) * len(b))   # U of "baseline above variant"
     lower = sum(xi < bi for xi in x for bi in b) + 0.5 * sum(xi == bi for xi in x for bi in b)
-    assert pair(x)["p_improve"] == pytest.approx(expected) == pytest.approx(lower / 25)
-    assert pair(BASE)["p_improve"] == 0.5   # identical samples: every comparison is a tie or mirrored
+    assert pair(x, design="welch")["p_improve"] == pytest.approx(expected) == pytest.approx(lower / 25)
+    assert pair(BASE, design="welch")["p_improve"] == 0.5   # identical samples: every comparison is a tie or mirrored
+    # paired: the share of seeds where the variant is lower, ties half: lower on seeds 0 and 1, tied on 3
+    assert pair(x)["p_improve"] == pytest.approx(2.5 / 5)
+    assert pair(BASE)["p_improve"] == 0.5
 
 
 def test_holm_across_the_whole_table_matches_statsmodels():
@@ -132,9 +141,13 @@ def test_identical_distribution_with_tight_spread_is_equivalent():
 
 
 def test_equivalence_needs_the_whole_interval_inside_the_margin():
-    row = pair([v - 0.1 for v in BASE])   # point difference inside ±0.2, lower end of its CI outside
+    row = pair([v - 0.1 for v in BASE], design="welch")   # point difference inside ±0.2, lower CI end outside
     assert -0.2 < row["delta"] < 0 and row["delta_ci_low"] < -0.2 < row["delta_ci_high"] < 0.2
     assert row["decision"] == "undecided"
+    # paired, the same samples are a constant shift of -0.1 on every seed: known exactly, inside the margin
+    paired = pair([v - 0.1 for v in BASE])
+    assert paired["delta_ci_low"] == paired["delta_ci_high"] == pytest.approx(-0.1)
+    assert paired["decision"] == "better"
 
 
 def test_small_noisy_samples_are_undecided():
@@ -143,7 +156,8 @@ def test_small_noisy_samples_are_undecided():
 
 
 def test_one_run_gives_a_point_difference_and_no_inference():
-    row = pair([6.0])
+    assert pair([6.0])["delta"] == pytest.approx(6.0 - BASE[0])   # paired: seed 0 against seed 0
+    row = pair([6.0], design="welch")
     assert row["delta"] == pytest.approx(6.0 - np.mean(BASE)) and row["p_improve"] == 1.0
     assert row["p_value"] is row["p_holm"] is row["delta_ci_low"] is row["effect_size"] is None
     assert row["decision"] == "undecided" and row["std"] is None and row["ci_low"] is None
@@ -312,3 +326,101 @@ def test_summary_ranks_and_win_tie_loss():
     assert got["tie"]["mean_rank"] == pytest.approx((2 + 2 + 1 + 1.5) / 4)
     assert (got["tie"]["wins"], got["tie"]["ties"], got["tie"]["losses"]) == (1, 3, 0)
     assert [s["variant"] for s in summary(rows)] == ["original", "good", "tie"]
+
+
+# --- paired design -----------------------------------------------------------------------------------
+
+def test_paired_difference_ci_and_p_match_scipy():
+    x = np.array([6.1, 6.4, 5.9, 6.3, 6.0])
+    b = np.array(BASE)
+    row = pair(x)
+    d = x - b
+    ref = stats.ttest_1samp(d, 0.0)
+    ci = ref.confidence_interval(0.95)
+    assert row["delta"] == pytest.approx(d.mean())
+    assert (row["delta_ci_low"], row["delta_ci_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert row["p_value"] == pytest.approx(stats.ttest_rel(x, b).pvalue) == pytest.approx(ref.pvalue)
+    # textbook: mean(d) ± t(0.975, n − 1) · sd(d) / √n
+    half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / math.sqrt(5)
+    assert row["delta_ci_high"] - row["delta_ci_low"] == pytest.approx(2 * half)
+    assert row["pairs"] == 5 and row["unpaired_seeds"] == []
+
+
+def test_paired_bca_bootstrap_of_the_differences_from_ten_pairs():
+    rng = np.random.default_rng(11)
+    seed_effect = rng.normal(0, 1.0, 12)
+    b = np.round(6.6 + seed_effect + rng.normal(0, 0.2, 12), 3)
+    x = np.round(6.3 + seed_effect + rng.normal(0, 0.2, 12), 3)
+    row = pair(x, base=b)
+    ref = stats.bootstrap((x - b,), np.mean, method="BCa", n_resamples=BOOTSTRAP_RESAMPLES,
+                          rng=np.random.default_rng(BOOTSTRAP_SEED)).confidence_interval
+    assert (row["delta_ci_low"], row["delta_ci_high"]) == (pytest.approx(ref.low), pytest.approx(ref.high))
+    # the common seed effect cancels in the pairs: a far narrower interval than independent samples give
+    welch = pair(x, base=b, design="welch")
+    assert row["delta_ci_high"] - row["delta_ci_low"] < 0.5 * (welch["delta_ci_high"] - welch["delta_ci_low"])
+    assert row["pair_efficiency"] > 4 and row["decision"] == "better" and welch["decision"] == "undecided"
+
+
+def test_only_exact_pairs_enter_and_unmatched_seeds_are_listed():
+    results = (trials("original", BASE)
+               + trials("v", [6.0, 6.2], seed0=0) + trials("v", [5.0], status="error", seed0=2)
+               + trials("v", [6.3, 6.1, 6.5], seed0=3))                       # seed 5 has no baseline
+    row = cell(compare(results, "original"), "v")
+    paired = [0, 1, 3, 4]
+    d = np.array([6.0, 6.2, 6.3, 6.1]) - np.array(BASE)[paired]
+    assert row["pairs"] == 4 and row["unpaired_seeds"] == [2, 5] and row["seeds"] == [0, 1, 3, 4, 5]
+    assert row["delta"] == pytest.approx(d.mean()) and row["n"] == 5
+    assert row["p_value"] == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue)
+    assert row["p_improve"] == pytest.approx(np.mean(d < 0))
+
+
+def test_pairing_measurement_against_numpy_and_scipy():
+    x = np.array([6.1, 6.4, 5.9, 6.3, 6.0, 6.6])
+    b = np.array([6.61, 6.72, 6.48, 6.90, 6.55, 6.95])
+    for design in ("paired", "welch"):   # measured in both designs: the design never follows from it
+        row = pair(x, base=b, design=design)
+        assert row["pair_pearson"] == pytest.approx(np.corrcoef(x, b)[0, 1])
+        assert row["pair_spearman"] == pytest.approx(stats.spearmanr(x, b).statistic)
+        assert row["pair_var_diff"] == pytest.approx(np.var(x - b, ddof=1))
+        assert row["pair_var_sum"] == pytest.approx(np.var(x, ddof=1) + np.var(b, ddof=1))
+        assert row["pair_efficiency"] == pytest.approx(row["pair_var_sum"] / row["pair_var_diff"])
+    constant = pair([6.0] * 5)   # no spread on one side: no correlation, the rest still measured
+    assert constant["pair_pearson"] is None and constant["pair_var_diff"] > 0
+
+
+def test_designs_are_named_and_a_seed_twice_in_a_cell_is_refused():
+    with pytest.raises(ValueError, match="design"):
+        compare(trials("original", BASE), "original", design="pooled")
+    with pytest.raises(ValueError, match="seed 0 has two results"):
+        compare(trials("original", BASE) + trials("original", [6.0]), "original")
+
+
+def test_paired_differences_follow_compare_and_restrict_to_seeds():
+    results = trials("original", BASE) + trials("v", [6.0, 6.2, 6.1, 6.3, 6.4]) + trials("v", [9.0], status="error",
+                                                                                       seed0=5)
+    diffs = paired_differences(results, "original")
+    assert list(diffs) == [("cifar10", 110, "v")]
+    assert list(diffs[("cifar10", 110, "v")].index) == [0, 1, 2, 3, 4]
+    some = paired_differences(results, "original", seeds=[1, 3, 5])[("cifar10", 110, "v")]
+    assert list(some.index) == [1, 3] and list(some) == pytest.approx([6.2 - 6.72, 6.3 - 6.90])
+
+
+# --- the test set's own sampling error ----------------------------------------------------------------
+
+def test_test_set_sampling_error_from_the_record_or_the_dataset():
+    rows = compare(trials("original", BASE), "original")
+    p = np.mean(BASE) / 100
+    assert rows[0]["test_size"] == 10_000 and rows[0]["test_se"] == pytest.approx(100 * math.sqrt(p * (1 - p) / 1e4))
+    given = [dict(r, test_size=2500) for r in trials("original", BASE)]
+    assert compare(given, "original")[0]["test_se"] == pytest.approx(100 * math.sqrt(p * (1 - p) / 2500))
+    synthetic = compare(trials("original", BASE, dataset="synthetic"), "original")[0]
+    assert synthetic["test_size"] == 1000
+    unknown = compare(trials("original", BASE, dataset="mine"), "original")[0]
+    assert unknown["test_size"] is None and unknown["test_se"] is None
+    assert compare(trials("original", BASE), "original", metric="train_loss")[0]["test_se"] is None
+
+
+def test_dataset_test_sizes_match_the_loader():
+    from ablations.spec import TEST_SIZES
+    from workers.data import load_dataset
+    assert len(load_dataset("synthetic").test.y) == TEST_SIZES["synthetic"]

@@ -4,6 +4,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,6 +14,7 @@ from rich.console import Console
 
 from dashboards.stats import compare
 from dashboards.tables import FORMATS, document, print_table, render, write
+from tests.helpers import ROOT, ablate
 
 BASE = [6.61, 6.72, 6.48, 6.90, 6.55]
 
@@ -44,7 +48,8 @@ def test_a_narrow_terminal_gets_settings_as_rows_and_fewer_columns_never_squeeze
 
 
 def test_document_carries_the_contract_keys(doc):
-    assert list(doc) == ["grid", "metric", "alpha", "rows", "summary"]
+    assert list(doc) == ["grid", "metric", "alpha", "design", "sequential", "rows", "summary"]
+    assert doc["design"] == "paired" and doc["sequential"] is None
     assert [s["variant"] for s in doc["summary"]] == ["original", "full_preact", "bn_after_add", "scale-0"]
 
 
@@ -134,3 +139,89 @@ def test_interval_label_follows_alpha_and_losses_get_more_digits():
                    alpha=0.1)
     text = render(document("g", "train_loss", rows, alpha=0.1), "markdown")
     assert "90% CI" in text and "0.1000" in text
+
+
+# --- the sequential plan's decisions, pairing, and every format on standard output ------------------------
+
+def sequential_doc():
+    from dashboards.sequential import overlay
+    results = trials("original", BASE) + trials("full_preact", [5.9, 6.0, 5.8, 6.1, 5.95]) \
+        + trials("bn_after_add", [6.7, 6.6, 6.5, 6.8, 6.6])
+    rows = compare(results, "original", variant_order=["original", "bn_after_add", "full_preact"])
+    plan = {"looks": [3, 5], "alpha": 0.05, "margin": 0.2, "beta": 0.2, "baseline": "original",
+            "metric": "test_error"}
+    record = {"n": 3, "delta": -0.62, "sd": 0.1, "p_value": 0.004, "level": 0.006, "share": 0.5,
+              "alpha_spent": 0.0041, "ci_low": -0.9, "ci_high": -0.35, "decision": "better", "stopped": "efficacy"}
+    still = {**record, "delta": 0.01, "p_value": 0.8, "ci_low": -0.5, "ci_high": 0.5, "decision": "undecided",
+             "stopped": None, "share": 1.0}
+    last = {**still, "n": 5, "stopped": "max_seeds", "alpha_spent": 0.05}
+    looks = [{("cifar10", 110, "full_preact"): record, ("cifar10", 110, "bn_after_add"): still},
+             {("cifar10", 110, "bn_after_add"): last}]
+    overlay(rows, plan, looks)
+    return document("g", "test_error", rows, sequential=plan)
+
+
+def test_a_sequential_grid_shows_the_plans_decisions_with_look_and_alpha_spent():
+    doc = sequential_doc()
+    by = {r["variant"]: r for r in doc["rows"]}
+    full = by["full_preact"]
+    assert full["decision"] == "better" and full["p_holm"] is None and full["delta"] == -0.62
+    assert (full["delta_ci_low"], full["delta_ci_high"]) == (-0.9, -0.35)
+    assert full["sequential"] == {"look": 1, "looks": 2, "pairs": 3, "alpha_spent": 0.0041, "level": 0.006,
+                                  "share": 0.5, "n_at_stop": 3, "stopped": "efficacy"}
+    assert by["bn_after_add"]["sequential"]["stopped"] == "max_seeds" and by["bn_after_add"]["decision"] == "undecided"
+    text = render(doc, "markdown")
+    assert "better @1/2" in text and "undecided @2/2" in text and "decisions of the sequential plan" in text
+    flat = list(csv.DictReader(io.StringIO(render(doc, "csv"))))
+    assert flat[2]["look"] == "1" and flat[2]["stopped"] == "efficacy" and flat[2]["alpha_spent"] == "0.0041"
+    assert flat[0]["look"] == ""   # the baseline has no plan of its own
+    assert [s["wins"] for s in doc["summary"] if s["variant"] == "full_preact"] == [1]
+
+
+def test_pairing_table_and_test_se_in_the_human_formats(doc):
+    text = render(doc, "markdown")
+    assert "| setting | variant | pairs | unpaired |" in text and "test SE" in text and "Δ paired by seed" in text
+    full = next(r for r in doc["rows"] if r["variant"] == "full_preact" and r["setting"]["depth"] == 110)
+    assert f"{full['test_se']:.2f}" in text and f"{full['pair_efficiency']:.2f}" in text
+    welch = document("g", "test_error", doc["rows"], design="welch")
+    assert "Δ by Welch's t" in render(welch, "table")
+
+
+@pytest.fixture(scope="module")
+def stored_grid(tmp_path_factory):
+    """A grid with results in a state store, written through the store's API (no training)."""
+    from orchestrator.grids import expand_grid, load_grid
+    from orchestrator.state import StateStore
+    home = tmp_path_factory.mktemp("tables") / "home"
+    spec = load_grid({"name": "formats", "dataset": "synthetic", "recipe": "smoke", "depths": [8], "block": "basic",
+                      "width": 4, "variants": ["original", "full_preact"], "seeds": 4})
+    store = StateStore(f"sqlite:///{home / 'state.db'}")
+    grid_trials = expand_grid(spec)
+    store.register_grid(spec.grid_id({}), spec.name, spec.model_dump(mode="json", by_alias=True), grid_trials)
+    for t in grid_trials:
+        store.claim(t.key, "test")
+        store.finish(t.key, "test", {"status": "finished", "test_error": 10.0 + t.seed / 10 - (t.variant == "original"),
+                                     "train_loss": 0.5, "train_error": 5.0, "history": [], "test_size": 500})
+    return {"ABLATE_HOME": str(home)}
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "table"])
+def test_every_format_means_that_format_on_standard_output(stored_grid, fmt, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "compare", "formats", "--format", fmt],
+                          capture_output=True, cwd=ROOT, env={**os.environ, **stored_grid})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    if fmt == "json":
+        doc = json.loads(out)
+        assert doc["design"] == "paired" and [r["variant"] for r in doc["rows"]] == ["original", "full_preact"]
+        assert doc["rows"][0]["test_size"] == 500   # read from the result record
+    elif fmt == "parquet":
+        assert pq.read_table(io.BytesIO(out)).num_rows == 2
+    elif fmt == "csv":
+        assert [r["variant"] for r in csv.DictReader(io.StringIO(out.decode()))] == ["original", "full_preact"]
+    else:
+        assert b"full" in out and not out.lstrip().startswith(b"{")
+    target = tmp_path / f"out.{fmt}"   # -o FILE gets the same bytes
+    written = ablate("compare", "formats", "--format", fmt, "-o", str(target), "--json", env=stored_grid)
+    assert written.code == 0 and written.json == {"written": str(target)}
+    assert target.read_bytes() == out

@@ -15,7 +15,9 @@ from tests.helpers import ROOT, ablate
 from workers.checkpoint import CheckpointError, checkpoints
 from workers.recipes import RecipeError, parse_override, resolve_recipe
 from workers.sinks import MemorySink
-from workers.trainer import augment, run_trial, trial_config
+from ablations import build_model
+from workers import trainer
+from workers.trainer import augment, device_data, evaluate, run_trial, trial_config
 
 TINY = dict(depth=8, block="basic", width=4)
 
@@ -80,30 +82,141 @@ def test_learns_synthetic_data():
     assert result["test_error"] < 40.0  # chance is 90%
 
 
-def test_divergence_is_a_result():
-    # λ = 4 on every shortcut: the signal grows as 4^units (Eqn. 6-8), and the loss overflows in a few steps.
-    exploding = dict(depth=20, width=4, shortcut="scale", shortcut_scale=4.0)
+def test_an_exploding_finite_loss_is_divergence():
+    # λ = 2 on every shortcut of ResNet-32: the signal grows as 2^15 (Eqn. 6-8); the loss at initialisation is
+    # in the thousands, finite, and far above 100·ln(10). The run is scored in its initial state.
+    exploding = dict(depth=32, width=4, shortcut="scale", shortcut_scale=2.0)
     sink = MemorySink()
-    result = run_trial(trial_config(exploding, "synthetic", resolve_recipe("smoke"), 0, subset=512), sink=sink,
-                       threads=1)
-    assert result["status"] == "diverged" and result["iterations"] < 40
-    assert 0.0 <= result["test_error"] <= 100.0 and result["train_loss"] is None
-    assert sink.records and sink.records[-1]["step"] == result["diverged_at"]
+    config = trial_config(exploding, "synthetic", resolve_recipe("smoke"), 0, subset=512)
+    result = run_trial(config, sink=sink, threads=1)
+    assert (result["status"], result["diverged_at"], result["iterations"]) == ("diverged", 0, 0)
+    assert result["train_loss"] is None and result["divergence"]["iteration"] == 0
+    assert math.isfinite(result["divergence"]["loss"]) and result["divergence"]["loss"] > 100 * math.log(10)
+    assert "above 100·ln(10)" in result["divergence"]["reason"]
+    assert sink.records[-1]["step"] == 0 and sink.records[-1]["test_error"] == result["test_error"]
+    torch.manual_seed(0)
+    initial = build_model(config.model)
+    assert result["test_error"] == pytest.approx(scored_error(initial.state_dict(), config), abs=1e-9)
 
 
-def test_metrics_reach_the_sink_at_eval_points():
+def scored_error(state, config):
+    """The test error of a state, evaluated as the trainer evaluates."""
+    data, (_, _, eval_x, eval_y, mean, scale) = device_data(config, torch.device("cpu"), None)
+    model = build_model(config.model)
+    model.load_state_dict(state)
+    return evaluate(model.to(memory_format=torch.channels_last), eval_x, eval_y, mean, scale, False)[0][0]
+
+
+def test_a_non_finite_loss_is_scored_in_the_last_finite_state(tmp_path, monkeypatch):
+    """The diverging forward pass has already moved BN's running statistics (to NaN): the run is scored
+    with the weights and the statistics from before it, which the checkpoint at that step holds."""
+    real = trainer.seed_batch
+
+    def poisoned(train_x, train_y, batches, seed, iteration, *rest):
+        xb, yb = real(train_x, train_y, batches, seed, iteration, *rest)
+        return (xb * float("inf") if iteration >= 35 else xb), yb
+
+    monkeypatch.setattr(trainer, "seed_batch", poisoned)
+    config = tiny_trial(0, checkpoint_every=5)
+    result = run_trial(config, checkpoint_dir=tmp_path, threads=1)
+    assert (result["status"], result["diverged_at"], result["divergence"]["loss"]) == ("diverged", 35, "nan")
+    last_finite = torch.load(tmp_path / "ckpt-000000035.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(t).all() for t in last_finite.values())
+    assert result["test_error"] == pytest.approx(scored_error(last_finite, config), abs=1e-9)
+    assert result["test_error"] < 80.0  # a NaN-scored run predicts one class: 90% on 10 balanced classes
+
+
+def test_nan_logits_count_as_errors():
+    model = build_model(depth=8, block="basic", width=4)
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))
+    x, y = torch.zeros(20, 3, 32, 32, dtype=torch.uint8), torch.zeros(20, dtype=torch.long)
+    assert evaluate(model, x, y, torch.zeros(3, 32, 32), 1.0, False) == [(100.0, None)]
+
+
+def test_log_points_evaluations_and_live_points():
     sink = MemorySink()
-    result = run_trial(tiny_trial(0), sink=sink, threads=1)
-    assert [r["step"] for r in sink.records] == [20, 40]
-    assert {"train_loss", "train_error", "test_error", "img_per_s"} <= set(sink.records[0])
-    assert sink.records[-1]["test_error"] == result["test_error"]
+    # log every 5 iterations, evaluate every 20 on 100 images (the last on all 1000), live points every step.
+    config = tiny_trial(0, log_every=5, eval_images=100, log_every_s=1e-9)
+    result = run_trial(config, sink=sink, threads=1)
+    history = result["history"]
+    assert [h["step"] for h in history] == list(range(5, 41, 5))
+    assert [h["step"] for h in history if "test_error" in h] == [20, 40]
+    assert [h["eval_images"] for h in history if "test_error" in h] == [100, 1000]
+    assert {"train_loss", "train_error", "lr", "img_per_s"} <= set(history[0]) and "test_error" not in history[0]
+    assert [r["step"] for r in sink.records] == list(range(1, 41))  # live points in between, in the sink only
+    assert sink.records[-1]["test_error"] == result["test_error"] == history[-1]["test_error"]
+    assert result["train_loss"] == history[-1]["train_loss"] and result["test_size"] == 1000
+    assert result["precision"] == "fp32" and result["compiled"] is False and result["fused"] == 1
+
+
+def test_default_cadence_is_about_one_percent():
+    assert resolve_recipe("mini-cpu").log_interval == 8
+    assert resolve_recipe("paper-cifar").log_interval == 640
+    assert resolve_recipe("smoke").log_interval == 1
+
+
+class ClockSink(MemorySink):
+    def log(self, metrics, step):
+        super().log({**metrics, "at": time.perf_counter()}, step)
+
+
+def test_throughput_is_images_over_the_wall_time_of_its_window(tmp_path):
+    """Checkpoints every 10 iterations fall inside the log windows: they count as time."""
+    sink = ClockSink()
+    run_trial(tiny_trial(0, log_every=10, checkpoint_every=10, eval_every=40), checkpoint_dir=tmp_path, sink=sink,
+              threads=1)
+    records = [r for r in sink.records if "img_per_s" in r]
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    for before, after in zip(records[:2], records[1:3]):  # windows free of evaluations, both ends
+        assert 10 * 32 / after["img_per_s"] == pytest.approx(after["at"] - before["at"], rel=0.05)
+
+
+def test_auto_precision_follows_what_the_cpu_reports(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer, "cpu_flags", lambda: {"avx2", "fma"})
+    trainer.cpu_bf16_pays.cache_clear()
+    assert trainer.resolve_precision("auto", cpu) == "fp32"
+    assert trainer.resolve_precision("bf16", cpu) == "bf16" and trainer.resolve_precision("fp32", cpu) == "fp32"
+    trainer.cpu_bf16_pays.cache_clear()
+
+
+def test_bf16_trials_are_deterministic_and_resume_bit_for_bit(tmp_path):
+    config = tiny_trial(0, precision="bf16", iterations=20, eval_every=10, checkpoint_every=10, milestones=[15])
+    full = run_trial(config, checkpoint_dir=tmp_path / "a", threads=1)
+    assert full["precision"] == "bf16" and full["status"] == "finished"
+    again = run_trial(config, threads=1)
+    assert (again["test_error"], again["train_loss"]) == (full["test_error"], full["train_loss"])
+    run_trial(config, checkpoint_dir=tmp_path / "b", threads=1)
+    (tmp_path / "b" / "result.json").unlink()
+    checkpoints(tmp_path / "b")[0].unlink()  # back to iteration 10
+    resumed = run_trial(config, checkpoint_dir=tmp_path / "b", threads=1)
+    assert resumed["resumed_from"] == 10 and resumed["precision"] == "bf16"
+    a = torch.load(tmp_path / "a" / "ckpt-000000020.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt-000000020.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
+    def broken(model):
+        def call(x):
+            raise RuntimeError("no C++ compiler here")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    eager = run_trial(tiny_trial(0), threads=1, compile_model=False)
+    with pytest.warns(UserWarning, match="torch.compile failed .*no C\\+\\+ compiler here.*training eagerly"):
+        fallback = run_trial(tiny_trial(0), threads=1, compile_model=True)
+    assert fallback["compiled"] is False
+    assert (fallback["test_error"], fallback["train_loss"]) == (eager["test_error"], eager["train_loss"])
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     full = run_trial(tiny_trial(0), threads=1)
     run_trial(tiny_trial(0, iterations=40), checkpoint_dir=tmp_path, threads=1)
-    # Roll back to an intermediate checkpoint by deleting the newer ones, then resume.
+    # Roll back to an intermediate checkpoint by deleting the result and the newer checkpoints, then resume.
+    (tmp_path / "result.json").unlink()
     files = checkpoints(tmp_path)
     assert [f.name for f in files] == ["ckpt-000000040.pt", "ckpt-000000030.pt"]
     files[0].unlink()
@@ -113,8 +226,14 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     assert (tmp_path / "result.json").exists()
 
 
+def test_a_finished_trial_returns_its_stored_result(tmp_path):
+    first = run_trial(tiny_trial(0), checkpoint_dir=tmp_path, threads=1)
+    assert run_trial(tiny_trial(0), checkpoint_dir=tmp_path, threads=1) == first
+
+
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     run_trial(tiny_trial(0), checkpoint_dir=tmp_path, threads=1)
+    (tmp_path / "result.json").unlink()
     newest, older = checkpoints(tmp_path)
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
@@ -124,6 +243,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
 
 def test_all_checkpoints_corrupt_starts_over(tmp_path):
     run_trial(tiny_trial(0), checkpoint_dir=tmp_path, threads=1)
+    (tmp_path / "result.json").unlink()
     for f in checkpoints(tmp_path):
         f.write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="starting from iteration 0"):
@@ -203,6 +323,7 @@ def test_train_on_real_fashion_mnist():
 def test_time_limit_stops_an_attempt_and_keeps_its_checkpoints(tmp_path):
     from workers.trainer import TrialTimeout
     run_trial(tiny_trial(0, iterations=40), checkpoint_dir=tmp_path, threads=1)
+    (tmp_path / "result.json").unlink()
     checkpoints(tmp_path)[0].unlink()  # back to iteration 30
     with pytest.raises(TrialTimeout, match="time limit of 1e-09 s at iteration 30"):
         run_trial(tiny_trial(0), checkpoint_dir=tmp_path, threads=1, time_limit_s=1e-9)

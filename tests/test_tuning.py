@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator import tuning
 from orchestrator.grids import GridError, expand_grid, load_grid
 from orchestrator.state import StateStore, default_state_url
-from orchestrator.tuning import TuneError, load_tuned, run_study, save_tuned, tuned_records
+from orchestrator.tuning import TuneError, run_study
 from tests.helpers import ROOT
 from workers.recipes import resolve_recipe
 
@@ -57,11 +57,11 @@ def test_study_finds_the_lr_region_prunes_and_is_tracked(ablate_home, local_ray,
         assert t.user_attrs["history"][-1]["val_error"] == pytest.approx(t.intermediate_values[steps[-1]])
 
     # The best recipe is saved under the study name and a grid can use it.
-    record = {r["name"]: r for r in tuned_records()}["lr-study"]
+    record = {r["name"]: r for r in StateStore().tuned_records()}["lr-study"]
     assert (record["study"], record["trial"], record["value"]) == ("lr-study", out["best_trial"], out["best_value"])
     grid = load_grid({"name": "g", "dataset": "synthetic", "subset": 256, "recipe": "tuned/lr-study", "depths": [8],
                       "block": "basic", "width": 4, "variants": ["original"], "seeds": 1})
-    assert expand_grid(grid, tuned=load_tuned())[0].config.recipe.lr == best_lr
+    assert expand_grid(grid, tuned=StateStore().tuned_recipes())[0].config.recipe.lr == best_lr
 
     # MLflow: an experiment named after the study, a parent run, one child per trial with its curve.
     client = MlflowClient(tracking)
@@ -114,7 +114,7 @@ def test_resumed_study_after_a_kill_repeats_nothing(ablate_home, local_ray, trac
     killed = [n for n, t in before.items() if t.state.name == "RUNNING"]
     assert done and len(done) + len(killed) <= 3
 
-    monkeypatch.setattr(tuning, "STALE_AFTER_S", 2.0)  # as the killed driver ran: stale after 2 s
+    monkeypatch.setattr(tuning.storage, "STALE_AFTER_S", 2.0)  # as the killed driver ran: stale after 2 s
     out = run_study(spec, tracking_uri=tracking)
     after = {t.number: t for t in states("resume")}
     assert out["n_complete"] == 3 and out["n_failed"] == len(killed) and out["asked"] == 3 - len(done)
@@ -145,7 +145,7 @@ def test_a_trial_left_without_any_heartbeat_is_failed_not_awaited(ablate_home, l
         orphan = optuna.load_study(study_name="no-beat", storage=storage).ask()  # asked, never beaten for
     assert {t.number: t.state.name for t in states("no-beat")}[orphan.number] == "RUNNING"
 
-    monkeypatch.setattr(tuning, "STALE_AFTER_S", 2.0)
+    monkeypatch.setattr(tuning.storage, "STALE_AFTER_S", 2.0)
     t0 = time.time()
     out = run_study(spec, tracking_uri=tracking, trial_fn=instant_trial)
     assert time.time() - t0 < 60, "the driver waited far past the stale threshold"
@@ -162,7 +162,7 @@ def test_crashed_trials_are_marked_failed_not_lost(ablate_home, local_ray, track
     out = run_study({**SPEC, "name": "crash", "n_trials": 2}, tracking_uri=tracking, trial_fn=crashing_trial)
     assert (out["n_failed"], out["n_complete"], out["best_value"], out["tuned_recipe"]) == (2, 0, None, None)
     assert all(t.state.name == "FAIL" and "boom in trial" in t.user_attrs["error"] for t in states("crash"))
-    assert "crash" not in load_tuned()
+    assert "crash" not in StateStore().tuned_recipes()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -212,9 +212,9 @@ def test_milestone_fractions_become_iterations():
 
 def test_tuned_recipes_resolve_in_grids(ablate_home):
     recipe = {**resolve_recipe("smoke").model_dump(), "lr": 0.03}
-    save_tuned(None, {"name": "mine", "study": "mine", "trial": 4, "value": 3.5, "recipe": recipe,
-                      "params": {"lr": 0.03}, "spec": {"dataset": "synthetic"}})
-    tuned = load_tuned()
+    StateStore().save_tuned({"name": "mine", "study": "mine", "trial": 4, "value": 3.5, "recipe": recipe,
+                             "params": {"lr": 0.03}, "spec": {"dataset": "synthetic"}})
+    tuned = StateStore().tuned_recipes()
     grid = {"name": "g", "dataset": "synthetic", "depths": [8], "block": "basic", "width": 4,
             "variants": ["original"], "seeds": 1}
     assert expand_grid(load_grid({**grid, "recipe": "tuned/mine"}), tuned=tuned)[0].config.recipe.lr == 0.03

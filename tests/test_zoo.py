@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ablations import (SHORTCUTS, UNITS, VARIANTS, SpecError, build_model, count_macs, count_params, make_spec,
                        probe_propagation)
 from ablations.spec import IMAGENET_STAGES, dataset_model_fields
-from ablations.units import GatedShortcut, ResidualUnit
+from ablations.units import GatedShortcut, PlainShortcut, ResidualUnit
 
 # n = 1: the smallest network of each block, narrow so the whole catalogue runs in seconds (single: n = 2, as
 # depth 8 is the least a spec takes). On the ImageNet plan: the smallest depth of each block.
@@ -20,7 +20,8 @@ SMALLEST = {"basic": 8, "bottleneck": 11, "single": 8}
 IMAGENET_SMALLEST = {"basic": 18, "bottleneck": 50}
 IMAGENET = dataset_model_fields("imagenet")
 SHORTCUT_EXTRAS = {"scale": dict(shortcut_scale=0.5, residual_scale=0.5), "exclusive_gate": dict(gate_bias=-2.0),
-                   "shortcut_gate": dict(gate_bias=-2.0), "dropout": dict(dropout=0.5)}
+                   "shortcut_gate": dict(gate_bias=-2.0), "dropout": dict(dropout=0.5),
+                   "inverted_dropout": dict(dropout=0.5)}
 
 
 @pytest.mark.parametrize("plan,block,downsample", [
@@ -159,18 +160,57 @@ def test_bottleneck_stride_on_first_1x1():
     assert [c.kernel_size[0] for c in convs] == [1, 3, 1] and convs[0].stride == (2, 2)
 
 
-def test_dropout_shortcut_is_identity_in_eval_only():
+def test_paper_dropout_is_a_keep_mask_with_expectation_half():
+    """§3.1: dropout on the shortcut "statistically imposes a scale of λ with an expectation of 0.5": kept
+    elements pass unscaled in training, and evaluation applies the expectation."""
+    shortcut = PlainShortcut(torch.nn.Identity(), dropout=0.5)
+    x, f = torch.rand(64, 8, 6, 6) + 0.5, torch.zeros(64, 8, 6, 6)
     torch.manual_seed(0)
-    dropped = build_model(depth=8, block="basic", width=4, shortcut="dropout", dropout=0.5)
-    plain = build_model(depth=8, block="basic", width=4)
-    plain.load_state_dict(dropped.state_dict())
+    out = shortcut.train()(x, f)
+    assert torch.all((out == 0) | (out == x))  # a mask, no 1/(1-p) rescaling
+    assert float((out != 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+    torch.testing.assert_close(shortcut.eval()(x, f), 0.5 * x)
+    assert shortcut.analytic_gain() == 0.5
+
+
+def test_inverted_dropout_is_the_identity_at_evaluation():
+    shortcut = PlainShortcut(torch.nn.Identity(), dropout=0.5, inverted=True)
+    x, f = torch.rand(64, 8, 6, 6) + 0.5, torch.zeros(64, 8, 6, 6)
+    torch.manual_seed(0)
+    out = shortcut.train()(x, f)
+    assert torch.all((out == 0) | torch.isclose(out, 2 * x))
+    torch.testing.assert_close(shortcut.eval()(x, f), x)
+    assert shortcut.analytic_gain() == 1.0
+
+
+@pytest.mark.parametrize("shortcut,twin", [("dropout", dict(shortcut="scale", shortcut_scale=0.5)),
+                                           ("inverted_dropout", {})])
+def test_dropout_networks_at_evaluation(shortcut, twin):
+    """In evaluation the paper's dropout network is the λ = 0.5 network, the inverted one the plain one."""
+    torch.manual_seed(0)
+    dropped = build_model(depth=8, block="basic", width=4, shortcut=shortcut, dropout=0.5)
+    reference = build_model(depth=8, block="basic", width=4, **twin)
+    reference.load_state_dict(dropped.state_dict())
     x = torch.randn(4, 3, 32, 32)
-    torch.testing.assert_close(dropped.eval()(x), plain.eval()(x))
+    torch.testing.assert_close(dropped.eval()(x), reference.eval()(x))
     dropped.train()
     torch.manual_seed(1)
     a = dropped(x)
     torch.manual_seed(2)
     assert not torch.allclose(a, dropped(x))
+
+
+@pytest.mark.parametrize("exclusive", [True, False])
+def test_gates_stay_in_full_precision_under_bf16_autocast(exclusive):
+    """b_g = −7: 1 − σ(−7) = 0.999088..., which bf16 (8 bits of mantissa) rounds to exactly 1."""
+    gate = GatedShortcut(torch.nn.Identity(), 4, 4, 1, gate_bias=-7.0, exclusive=exclusive)
+    torch.nn.init.zeros_(gate.gate.weight)
+    x, f = torch.ones(2, 4, 3, 3), torch.zeros(2, 4, 3, 3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gate(x, f)
+    expected = 1.0 - torch.sigmoid(torch.tensor(-7.0))
+    assert out.dtype == torch.float32 and float(out[0, 0, 0, 0]) != 1.0
+    assert float(out[0, 0, 0, 0]) == pytest.approx(float(expected), rel=1e-6)
 
 
 @pytest.mark.parametrize("bias", [0.0, -6.0, -7.0])
@@ -216,7 +256,8 @@ def test_probe_matches_autograd_and_leaves_model_untouched():
 
 
 @pytest.mark.parametrize("variant,factor", [("original", 1.0), ("scale-0.5", 0.5 ** 9), ("scale-0", 0.0),
-                                            ("conv1x1", None), ("exclusive_gate-b-6", None), ("dropout-0.5", None)])
+                                            ("conv1x1", None), ("exclusive_gate-b-6", None),
+                                            ("dropout-0.5", 0.5 ** 9), ("inverted_dropout-0.5", 1.0)])
 def test_probe_analytic_shortcut_factor(variant, factor):
     model = build_model(variant=variant, depth=20, width=4)
     result = probe_propagation(model, torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))

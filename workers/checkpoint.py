@@ -8,6 +8,7 @@ file is skipped with a warning in favour of the previous one.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -87,10 +88,13 @@ def readable(folder: Path, config: dict[str, Any], device: torch.device) -> Iter
         yield state
 
 
-def load_latest(folder: Path, config: dict[str, Any], device: torch.device) -> dict[str, Any] | None:
-    """The newest readable checkpoint of this configuration, or None to start from scratch."""
-    for state in readable(folder, config, device):
-        return state
-    if checkpoints(folder):
-        warnings.warn(f"no readable checkpoint in {folder}: starting from iteration 0", stacklevel=2)
-    return None
+def stored_result(folder: Path | None, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The result.json a previous attempt wrote for this configuration when it ended (finished or
+    diverged): such a trial is not trained again."""
+    if folder is None or not (folder / "result.json").is_file():
+        return None
+    try:
+        result = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("config") == config and result.get("status") in ("finished", "diverged") else None

@@ -11,7 +11,9 @@ from ablations.spec import ModelSpec
 from .recipes import Recipe
 
 # Bump when a change to the code changes what a configuration trains to: it is part of every trial key.
-SCHEMA_VERSION = 1
+# 2: the paper's dropout shortcut (keep-mask, expectation 1 − p), divergence scored in the last finite
+#    state and detected on exploding finite losses, gates in fp32, logging and precision fields.
+SCHEMA_VERSION = 2
 
 
 class TrialConfig(BaseModel):

@@ -8,12 +8,12 @@ recipe exists afterwards, so a trial's key is still the hash of the iterations i
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ablations.spec import DATASET_SIZES, raise_one_line
+from ablations.spec import DATASET_SIZES, omit_at_defaults, raise_one_line
 
 # Epoch fields of a recipe mapping → the iteration field each resolves to (epochs × iterations per epoch).
 EPOCH_FIELDS = {"epochs": "iterations", "milestones_epochs": "milestones", "eval_every_epochs": "eval_every"}
@@ -36,18 +36,22 @@ class Recipe(BaseModel):
     warmup_iterations: int = Field(0, ge=0)
     warmup_lr: float = Field(0.01, gt=0, le=100)
     eval_every: int = Field(ge=1)
+    # Intermediate evaluations may use the first N images of the evaluation split (a fixed subset) to draw
+    # the test-error curve cheaply; the final evaluation always uses the whole split. None: all of it.
+    eval_images: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(ge=1)
+    # Training loss, error, learning rate and throughput are logged every `log_every` iterations
+    # (None: about 1% of the run), and sent live at least every `log_every_s` seconds of wall time.
+    log_every: int | None = Field(None, ge=1)
+    log_every_s: float = Field(30.0, gt=0)
     augment: bool = True
     nesterov: bool = Field(False, description="Nesterov momentum (fb.resnet.torch's SGD, dampening 0)")
+    # auto: bf16 autocast where the device makes it faster (CUDA, CPUs with bf16 matrix units), else fp32.
+    # BN statistics, the loss, the gates and the optimizer state stay fp32 either way.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
-    @model_serializer(mode="wrap")
-    def _omit_plain_momentum(self, handler) -> dict[str, Any]:
-        # `nesterov` came after the first trial keys were made: left out at its default, so every earlier
-        # configuration keeps its trial key and its checkpoints.
-        data = handler(self)
-        if not data.get("nesterov", True):
-            del data["nesterov"]
-        return data
+    # Fields added after trial keys were first made, left out of the dump at their defaults.
+    _later = omit_at_defaults("nesterov")
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "Recipe":
@@ -56,7 +60,9 @@ class Recipe(BaseModel):
         if list(self.milestones) != sorted(set(self.milestones)):
             raise RecipeError(f"milestones must be strictly increasing, got {list(self.milestones)}")
         if self.milestones and (self.milestones[0] <= 0 or self.milestones[-1] >= self.iterations):
-            raise RecipeError(f"milestones must lie in 1..{self.iterations - 1}, got {list(self.milestones)}")
+            raise RecipeError(f"milestones must lie in 1..{self.iterations - 1}, got {list(self.milestones)} "
+                              f"(iterations alone stretches the base schedule; milestones given beside it "
+                              f"replace the stretched ones)")
         if self.warmup_iterations >= self.iterations:
             raise RecipeError(f"warmup_iterations ({self.warmup_iterations}) must be below iterations "
                               f"({self.iterations})")
@@ -69,14 +75,25 @@ class Recipe(BaseModel):
         drops = sum(iteration >= m for m in self.milestones)
         return self.lr * self.gamma ** drops
 
+    @property
+    def log_interval(self) -> int:
+        return self.log_every or max(1, round(self.iterations / 100))
+
     def with_iterations(self, iterations: int) -> "Recipe":
         """The same schedule stretched to another length: milestones, warm-up and intervals scale."""
-        f = iterations / self.iterations
-        return make_recipe({**self.model_dump(), "iterations": iterations,
-                            "milestones": [max(1, round(m * f)) for m in self.milestones],
-                            "warmup_iterations": min(round(self.warmup_iterations * f), iterations - 1),
-                            "eval_every": max(1, round(self.eval_every * f)),
-                            "checkpoint_every": max(1, round(self.checkpoint_every * f))})
+        return make_recipe(stretched(self.model_dump(), iterations))
+
+
+def stretched(fields: Mapping[str, Any], iterations: int) -> dict[str, Any]:
+    """Recipe fields with the schedule stretched from `fields["iterations"]` to `iterations`: milestones,
+    warm-up and the evaluation, checkpoint and logging intervals scale with it."""
+    f = iterations / fields["iterations"]
+    scaled = {"iterations": iterations, "milestones": [max(1, round(m * f)) for m in fields.get("milestones", ())],
+              "warmup_iterations": min(round(fields.get("warmup_iterations", 0) * f), iterations - 1)}
+    for name in ("eval_every", "checkpoint_every", "log_every"):
+        if fields.get(name):
+            scaled[name] = max(1, round(fields[name] * f))
+    return {**fields, **scaled}
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -90,9 +107,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # LR 0.1 is mostly BN-statistics noise (shared/NOTES.md), and separates nothing at a few seeds.
     # No augmentation: 800×64 is under one epoch, where crops and flips only slow fitting (measured on
     # full_preact-20, seed 0: 19.44% test error with them, 13.29% without).
+    # Evaluations every 100 iterations draw the test-error curve (Fig. 6) on 2000 test images; the last one
+    # reads the whole test set.
     "mini-cpu": dict(iterations=800, batch_size=64, lr=0.1, momentum=0.9, weight_decay=1e-4,
                      milestones=(400, 600), gamma=0.1, warmup_iterations=50, warmup_lr=0.01,
-                     eval_every=400, checkpoint_every=100, augment=False),
+                     eval_every=100, eval_images=2000, checkpoint_every=100, augment=False),
     # fb.resnet.torch on ImageNet, which the paper follows for its ImageNet results ("the same hyper-parameters
     # and implementations as the original ResNets"): batch 256, LR 0.1 ÷10 every 30 epochs, 90 epochs, weight
     # decay 1e-4, Nesterov momentum 0.9, no warm-up (train.lua, opts.lua). Evaluated once an epoch.
@@ -123,35 +142,41 @@ def training_size(dataset: str, subset: int | None = None, validation: float = 0
 
 def make_recipe(fields: Mapping[str, Any], train_size: int | None = None) -> Recipe:
     """Recipe from a mapping, with validation errors as one RecipeError line naming the field; epoch
-    fields resolve to iterations over `train_size` examples (the last partial batch of an epoch dropped)."""
+    fields resolve to iterations over `train_size` examples (see `in_iterations`)."""
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise RecipeError(f"unknown recipe field {unknown[0]!r}; fields: {', '.join(FIELDS)}")
-    given = [f for f in EPOCH_FIELDS if f in fields]
-    if given:
-        both = [f for f in given if EPOCH_FIELDS[f] in fields]
-        if both:
-            raise RecipeError(f"give {both[0]} or {EPOCH_FIELDS[both[0]]}, not both")
-        if train_size is None:
-            raise RecipeError(f"the recipe counts epochs ({', '.join(given)}): it needs the training-set size")
-        batch = fields.get("batch_size")
-        if not isinstance(batch, int) or isinstance(batch, bool) or not 0 < batch <= train_size:
-            raise RecipeError(f"batch_size {batch!r} must be a whole number from 1 to the {train_size} training "
-                              f"examples of an epoch")
-        per_epoch = train_size // batch
-        fields = dict(fields)
-        for name in given:
-            value = fields.pop(name)
-            try:
-                fields[EPOCH_FIELDS[name]] = ([round(e * per_epoch) for e in value] if name == "milestones_epochs"
-                                              else max(1, round(value * per_epoch)))
-            except TypeError:
-                raise RecipeError(f"{name}: expected {'a list of numbers' if name == 'milestones_epochs' else 'a number'}"
-                                  f", got {value!r}") from None
     try:
-        return Recipe(**fields)
+        return Recipe(**in_iterations(fields, train_size, fields.get("batch_size")))
     except ValidationError as exc:
         raise_one_line(exc, RecipeError, "recipe")
+
+
+def in_iterations(fields: Mapping[str, Any], train_size: int | None, batch_size: Any) -> dict[str, Any]:
+    """Recipe fields with the epoch ones resolved to iterations: `train_size // batch_size` iterations an
+    epoch (the last partial batch of an epoch dropped, as the trainer does)."""
+    given = [f for f in EPOCH_FIELDS if f in fields]
+    if not given:
+        return dict(fields)
+    both = [f for f in given if EPOCH_FIELDS[f] in fields]
+    if both:
+        raise RecipeError(f"give {both[0]} or {EPOCH_FIELDS[both[0]]}, not both")
+    if train_size is None:
+        raise RecipeError(f"the recipe counts epochs ({', '.join(given)}): it needs the training-set size")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 0 < batch_size <= train_size:
+        raise RecipeError(f"batch_size {batch_size!r} must be a whole number from 1 to the {train_size} training "
+                          f"examples of an epoch")
+    per_epoch = train_size // batch_size
+    out = dict(fields)
+    for name in given:
+        value = out.pop(name)
+        try:
+            out[EPOCH_FIELDS[name]] = ([round(e * per_epoch) for e in value] if name == "milestones_epochs"
+                                       else max(1, round(value * per_epoch)))
+        except TypeError:
+            raise RecipeError(f"{name}: expected {'a list of numbers' if name == 'milestones_epochs' else 'a number'}"
+                              f", got {value!r}") from None
+    return out
 
 
 def _on_top(fields: Mapping[str, Any], more: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,11 +208,15 @@ def resolve_recipe(recipe: str | Mapping[str, Any] | Recipe = "mini-cpu", overri
                    tuned: Mapping[str, Mapping[str, Any]] | None = None, train_size: int | None = None) -> Recipe:
     """A bundled name, a mapping `{base: NAME, field: value}`, or a Recipe; then overrides on top.
 
-    `tuned` maps names saved by tuning (`tuned/<name>`) to their recipe fields. `train_size` (examples per
-    epoch, see `training_size`) resolves a recipe that counts epochs; iteration recipes ignore it.
+    `iterations` means one thing wherever it is given (a grid's recipe mapping, `--set`, `--iterations`):
+    the base schedule stretched to that length (see `stretched`); fields given beside it, such as
+    `milestones`, replace the stretched ones. `epochs` is `iterations` counted in epochs of `train_size`
+    examples (see `training_size`), and the same for `milestones_epochs` and `eval_every_epochs`: a recipe
+    that counts epochs needs it, iteration recipes ignore it. `tuned` maps names saved by tuning
+    (`tuned/<name>`) to their recipe fields.
     """
     if isinstance(recipe, Recipe):
-        fields = recipe.model_dump()
+        base_fields, own = recipe.model_dump(), {}
     else:
         spec = {"base": recipe} if isinstance(recipe, str) else dict(recipe)
         base = spec.pop("base", "mini-cpu")
@@ -195,8 +224,13 @@ def resolve_recipe(recipe: str | Mapping[str, Any] | Recipe = "mini-cpu", overri
         if base not in library:
             raise RecipeError(f"unknown recipe {base!r}; bundled: {', '.join(RECIPES)}"
                               + (f"; tuned: {', '.join(tuned)}" if tuned else ""))
-        both = [f for f in EPOCH_FIELDS if f in spec and EPOCH_FIELDS[f] in spec]
-        if both:
-            raise RecipeError(f"give {both[0]} or {EPOCH_FIELDS[both[0]]}, not both")
-        fields = _on_top(library[base], spec)
-    return make_recipe(_on_top(fields, overrides or {}), train_size)
+        base_fields, own = dict(library[base]), spec
+    given = _on_top(own, overrides or {})
+    batch = given.get("batch_size", base_fields["batch_size"])
+    base_fields = in_iterations(base_fields, train_size, batch)
+    given = in_iterations(given, train_size, batch)
+    iterations = given.get("iterations")
+    if isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1 \
+            and iterations != base_fields["iterations"]:
+        base_fields = stretched(base_fields, iterations)
+    return make_recipe({**base_fields, **given})

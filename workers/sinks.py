@@ -1,8 +1,11 @@
-"""Where a trial's metrics go. The trainer calls a sink at evaluation points only, never per step.
+"""Where a trial's metrics go. The trainer calls a sink at its log points (about 1% of the run), at
+evaluations, and live at least every `log_every_s` seconds: never per step.
 
-Contract of `MetricsSink`: `log` receives a flat dict of floats and the iteration as step; it must return
-quickly (no network round trip on the caller's thread: buffer and ship elsewhere) and must not raise on
-delivery problems; `close` flushes everything and is called once, also after divergence.
+Contract of `MetricsSink`: `begin` is called once before the first step with the iteration training starts
+from and the run's length (for progress and ETAs); `log` receives a flat dict of floats and the iteration
+as step, at most once per step; both must return quickly (no network round trip on the caller's thread:
+buffer and ship elsewhere) and must not raise on delivery problems; `close` flushes everything and is
+called once, also after divergence.
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from typing import IO, Any
 
 
 class MetricsSink(ABC):
+    def begin(self, start: int, iterations: int) -> None:
+        """Training starts at iteration `start` of `iterations`."""
+
     @abstractmethod
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
@@ -26,7 +32,7 @@ class NullSink(MetricsSink):
 
 
 class JsonLinesSink(MetricsSink):
-    """One JSON object per evaluation on a text stream (standard error under `ablate train`)."""
+    """One JSON object per record on a text stream (standard error under `ablate train`)."""
 
     def __init__(self, stream: IO[str] | None = None):
         self.stream = stream or sys.stderr

@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.cluster_scenario import Node, newest_checkpoint, session_pids, wait  # noqa: E402
+from tests.postgres import Postgres  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_PORT, MLFLOW_PORT, HEAD_PORT, SERVE_PORT = 5432, 5000, 6379, 8600  # a private network namespace
 ITERATIONS = 200
 KILL_AFTER_ITERATION = 30  # both running trials past an evaluation (25) and a checkpoint when the node dies
@@ -115,47 +115,6 @@ class Server:
         killed = kill_session(self.proc.pid)
         self.proc.wait()
         return killed
-
-
-class Postgres:
-    """A throwaway PostgreSQL 15 cluster in FOLDER, run as `postgres` (the server refuses root)."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.data = folder, folder / "data"
-
-    def _as_postgres(self, *argv: str) -> None:
-        out = subprocess.run(["runuser", "-u", "postgres", "--", *argv], cwd=self.folder, capture_output=True,
-                             text=True, timeout=180)
-        if out.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv[:2])} failed ({out.returncode}): "
-                               f"{out.stdout[-2000:]}{out.stderr[-2000:]}")
-
-    def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        shutil.chown(self.folder, "postgres", "postgres")
-        os.chmod(self.folder, 0o700)
-        self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                          "-E", "UTF8", "--no-sync")
-        options = f"-p {PG_PORT} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "postgres.log"),
-                          "-o", options, "-w", "-t", "120", "start")
-        import psycopg2
-        conn = psycopg2.connect(host="127.0.0.1", port=PG_PORT, user="postgres", dbname="postgres")
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("CREATE DATABASE ablate")
-            cur.execute("CREATE DATABASE mlflow")
-        conn.close()
-
-    def url(self, db: str) -> str:
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{PG_PORT}/{db}"
-
-    def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            try:
-                self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
-            except Exception as exc:  # the namespace's end takes it down in any case
-                log(f"pg_ctl stop: {exc}")
 
 
 def executing(node: Node) -> list[int]:
@@ -251,7 +210,7 @@ def main(workdir: Path, scratch: Path) -> dict:
     timings = report["timings"]
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    pg = Postgres(scratch / "pg")
+    pg = Postgres(scratch / "pg", PG_PORT)
     ray_tmp = scratch / "ray"  # short: Ray's socket paths
     home, ckpt_root = workdir / "home", workdir / "checkpoints"
     base = {k: v for k, v in os.environ.items()
@@ -270,6 +229,8 @@ def main(workdir: Path, scratch: Path) -> dict:
     try:
         # ---------------------------------------------------------------- the topology of docker-compose.yml
         pg.start()
+        for db in ("ablate", "mlflow"):
+            pg.create_database(db)
         timings["postgres_up"] = time.time() - t0
         log("postgres up (databases ablate, mlflow)")
         servers["mlflow"] = Server(
@@ -542,7 +503,10 @@ def main(workdir: Path, scratch: Path) -> dict:
                 servers[name].kill()
         for node in nodes.values():
             node.kill()
-        pg.stop()
+        try:
+            pg.stop()
+        except Exception as exc:  # the namespace's end takes it down in any case
+            log(f"pg_ctl stop: {exc}")
         for src in [pg.folder / "postgres.log", *ray_tmp.glob("*/session_latest/logs/raylet.out")]:
             if src.exists():
                 shutil.copy(src, logs / f"{src.parent.parent.parent.name}-{src.name}"

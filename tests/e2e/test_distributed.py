@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -24,30 +23,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.scenario import ITERATIONS, OUTAGE_S, PG_BIN
+from tests.e2e.scenario import ITERATIONS, OUTAGE_S
 from tests.helpers import ROOT
+from tests.postgres import postgres_missing
 from tests.test_cluster import namespace_flags, ray_processes_using
 
 SCENARIO = ROOT / "tests" / "e2e" / "scenario.py"
 SCENARIO_LIMIT_S = 600
 
 
-def require_postgres() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: Postgres runs as user `postgres` (runuser) and the test needs `unshare -n`")
-    if not (PG_BIN / "initdb").exists() or shutil.which("runuser") is None:
-        pytest.skip(f"needs Debian's postgresql 15 ({PG_BIN}/initdb) and runuser")
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("needs the `postgres` user of Debian's postgresql package")
-
-
 @pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.timeout(SCENARIO_LIMIT_S + 120)
 def test_grid_survives_node_loss_service_restart_and_mlflow_outage(tmp_path):
-    require_postgres()
+    if reason := postgres_missing():
+        pytest.skip(reason)
     flags = namespace_flags()
     scratch = Path(tempfile.mkdtemp(prefix="e2e-", dir="/tmp"))  # short paths for sockets; `postgres` may enter
     os.chmod(scratch, 0o755)
