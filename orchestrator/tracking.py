@@ -22,7 +22,10 @@ from .state import ablate_home
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-METRICS = ("train_loss", "train_error", "test_error", "test_loss", "lr", "img_per_s")
+# The history's metrics a sync brings into a child run. ImageNet-style trials add the top-5 error, and the
+# second evaluation crop's errors and loss under the crop's name (workers/imagefolder.py).
+METRICS = ("train_loss", "train_error", "test_error", "test_loss", "lr", "img_per_s", "test_error_top5",
+           "test_error_224", "test_error_top5_224", "test_loss_224")
 PARAM_LIMIT = 6000
 ARTIFACT_CAP_BYTES = int(float(os.environ.get("ABLATE_ARTIFACT_CAP_MB", "64")) * 2**20)
 
@@ -188,10 +191,11 @@ class Tracker:
         from mlflow.entities import Metric, RunTag
         client = self.client
         missing = []
-        for key in () if delivered or not result.get("history") else METRICS:
+        history = [] if delivered else result.get("history") or []
+        for key in [m for m in METRICS if any(m in h for h in history)]:  # one read per metric it holds
             have = {m.step for m in client.get_metric_history(run_id, key)}
             missing += [Metric(key, float(h[key]), int(time.time() * 1000), int(h["step"]))
-                        for h in result.get("history", []) if h.get(key) is not None and h["step"] not in have]
+                        for h in history if h.get(key) is not None and h["step"] not in have]
         if not delivered and result.get("status") == "diverged" and result.get("diverged_at") is not None:
             have = {m.step for m in client.get_metric_history(run_id, "test_error")}
             if result["diverged_at"] not in have:
