@@ -1,14 +1,19 @@
 """ImageNet-style data streamed from disk: an ImageFolder tree decoded and augmented by DataLoader workers.
 
 ImageNet cannot live on the device as the small datasets do (workers/data.py): 1.28M JPEGs of about
-110 KB each. `open_image_folder` returns an `ImageFolderSource`, one trial's view of the tree:
-- `train_batches(start, stop)`: the (x, y) batches of iterations start..stop-1, x float32 [B, 3, crop,
-  crop] normalised, y int64 [B], in the trainer's order (workers/streams.py `Batches`): epoch e is a
-  permutation drawn from (seed, e), the last partial batch of an epoch dropped. Resuming at iteration k
-  is `train_batches(k, stop)`: the same batches an uninterrupted run sees from k on.
-- `evaluate(model, device)`: top-1 and top-5 error % and the loss on the evaluation set, for every
-  evaluation crop; `test_error` and `test_error_top5` are the reported crop's (the paper's single 320
-  crop), the others carry the crop in their name (`test_error_224`, `test_error_top5_224`).
+110 KB each. `open_image_folder` returns an `ImageFolderSource`, one trial's view of the tree and the batch source the
+training loop reads (workers/sources.py):
+- `train_batches(slot, start, stop)`: the (x, y) batches of iterations start..stop-1 of seed `seeds[slot]`,
+  x float32 [B, 3, crop, crop] normalised, y int64 [B], in the trainer's order (workers/streams.py
+  `Batches`): epoch e is a permutation drawn from (seed, e), the last partial batch of an epoch dropped.
+  Resuming at iteration k is `train_batches(slot, k, stop)`: the same batches an uninterrupted run sees
+  from k on. `train_batch(slot, iteration)` is the loop's view of that stream, on the device.
+- `eval_batches(images)`: the evaluation set at every evaluation crop. The trainer scores top-1 and top-5
+  error % and the loss on each: `test_error` and `test_error_top5` are the reported crop's (the paper's
+  single 320 crop), the others carry the crop in their name (`test_error_224`, `test_error_top5_224`).
+  Intermediate evaluations on `images` of them take evenly spaced ones (the folder order is by class).
+- Several workers of one trial each decode their own shard of every global batch and of the evaluation
+  set (`shard`).
 
 Layout: `<root>/imagenet/{train,val}/<class>/<image>` (or `<root>/{train,val}/...`), root = `data_dir`
 or $ABLATE_DATA_DIR. Any ImageFolder tree works, with the same class folders in train and val (ILSVRC-2012's
@@ -28,19 +33,20 @@ the trial's seed too, for any randomness outside the transforms.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ablations.spec import DATASET_SHAPES
 
 from .data import DataError, data_root
+from .sources import BatchSource, Shard
 from .streams import STREAM_AUGMENT, Batches, stream_seed
 
 TRAIN_CROP = 224
@@ -118,19 +124,19 @@ class _Images(Dataset):
 
 
 class _EpochBatches(Sampler):
-    """Keys (epoch, folder index) of iterations [start, stop), in the order of `Batches` over `indices`."""
+    """Keys (epoch, folder index) of iterations [start, stop), in the order of `Batches` over `indices`:
+    this shard's part of each global batch."""
 
-    def __init__(self, indices: np.ndarray, batch_size: int, seed: int, start: int, stop: int):
-        self.indices, self.start, self.stop = indices, start, stop
+    def __init__(self, indices: np.ndarray, batch_size: int, seed: int, start: int, stop: int | None,
+                 shard: Shard):
+        self.indices, self.start, self.stop, self.shard = indices, start, stop, shard
         self.order = Batches(len(indices), batch_size, seed)
 
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for it in range(self.start, self.stop):
+        for it in range(self.start, self.stop) if self.stop is not None else itertools.count(self.start):
             epoch = it // self.order.per_epoch
-            yield [(epoch, int(self.indices[i])) for i in self.order.indices(it)]
+            batch = self.order.indices(it)
+            yield [(epoch, int(self.indices[i])) for i in batch[self.shard.part(len(batch))]]
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -169,13 +175,17 @@ def _worker_error(exc: DataError) -> DataError:
     return DataError(last.split("DataError: ", 1)[-1])
 
 
-class ImageFolderSource:
+class ImageFolderSource(BatchSource):
     """One trial's view of an ImageFolder dataset: streamed training batches and evaluation (module doc)."""
 
-    def __init__(self, name: str, folder: pathlib.Path, *, seed: int, batch_size: int, subset: int | None = None,
-                 validation: float = 0.0, split_seed: int = 0, workers: int = 0, pin_memory: bool = False,
-                 train_crop: int = TRAIN_CROP, eval_crops: dict[str, tuple[int, int]] | None = None,
-                 report_crop: str = REPORTED_CROP, eval_batch: int = EVAL_BATCH):
+    top5 = True
+
+    def __init__(self, name: str, folder: pathlib.Path, *, seeds: list[int], batch_size: int,
+                 iterations: int | None = None, subset: int | None = None, validation: float = 0.0,
+                 split_seed: int = 0, augment: bool = True, workers: int = 0, device: torch.device | str = "cpu",
+                 shard: Shard = Shard(0, 1), train_crop: int = TRAIN_CROP,
+                 eval_crops: dict[str, tuple[int, int]] | None = None, report_crop: str = REPORTED_CROP,
+                 eval_batch: int = EVAL_BATCH):
         train, val = _scan(folder / "train"), _scan(folder / "val")
         if train.classes != val.classes:
             extra = sorted(set(train.classes) ^ set(val.classes))
@@ -188,10 +198,17 @@ class ImageFolderSource:
         eval_crops = eval_crops or EVAL_CROPS
         if report_crop not in eval_crops:
             raise ValueError(f"report_crop {report_crop!r} is not one of the evaluation crops {list(eval_crops)}")
+        if batch_size % shard.world:
+            raise DataError(f"batch_size {batch_size} does not split into {shard.world} equal shards")
         self.name, self.folder, self.classes = name, folder, train.classes
-        self.seed, self.batch_size, self.workers, self.pin_memory = seed, batch_size, workers, pin_memory
+        self.seeds, self.batch_size, self.iterations, self.workers = seeds, batch_size, iterations, workers
+        self.device, self.shard = torch.device(device), shard
+        self.pin_memory = self.device.type == "cuda"
         self.samples = train.samples
-        self.train_transform = train_transform(train_crop)
+        # Without augmentation, training images are cropped as the 224 evaluation is: centre, fixed.
+        self.train_transform = train_transform(train_crop) if augment else eval_transform(
+            round(train_crop * 256 / 224), train_crop)
+        self.image_size = train_crop
         self.eval_crops, self.report_crop, self.eval_batch = eval_crops, report_crop, eval_batch
 
         n = len(train.samples)
@@ -221,6 +238,8 @@ class ImageFolderSource:
         if len(chosen) < batch_size:
             raise DataError(f"the training set has {len(chosen)} examples, fewer than one batch of {batch_size}")
         self.per_epoch = len(chosen) // batch_size
+        self.test_size = len(self.eval_samples)
+        self._streams: dict[int, tuple[int, Iterator]] = {}  # slot → (next iteration, its batches)
 
     @property
     def num_classes(self) -> int:
@@ -230,65 +249,53 @@ class ImageFolderSource:
     def train_size(self) -> int:
         return len(self.train_indices)
 
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
+    def _loader(self, dataset: Dataset, seed: int, **kwargs) -> DataLoader:
         return DataLoader(dataset, num_workers=self.workers, pin_memory=self.pin_memory,
                           worker_init_fn=_seed_worker if self.workers else None,
-                          generator=torch.Generator().manual_seed(stream_seed(self.seed, STREAM_WORKERS)),
+                          generator=torch.Generator().manual_seed(stream_seed(seed, STREAM_WORKERS)),
                           **kwargs)
 
-    def train_batches(self, start: int, stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(x, y) of iterations start..stop-1, decoded ahead by the workers."""
-        sampler = _EpochBatches(self.train_indices, self.batch_size, self.seed, start, stop)
-        loader = self._loader(_Images(self.samples, self.train_transform, self.seed), batch_sampler=sampler)
+    def _on_device(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         try:
-            yield from loader
+            for x, y in batches:
+                yield (x.to(self.device, non_blocking=self.pin_memory).contiguous(memory_format=torch.channels_last),
+                       y.to(self.device, non_blocking=self.pin_memory))
         except DataError as exc:
             raise _worker_error(exc) from None
 
-    def eval_batches(self, crop: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The evaluation set in folder order at one evaluation crop."""
-        resize, size = self.eval_crops[crop]
-        loader = self._loader(_Images(self.eval_samples, eval_transform(resize, size)), batch_size=self.eval_batch)
-        try:
-            yield from loader
-        except DataError as exc:
-            raise _worker_error(exc) from None
+    def train_batches(self, slot: int, start: int, stop: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) of iterations start..stop-1 (None: on and on) of seed `seeds[slot]` (this shard's part),
+        decoded ahead by the workers, on the device."""
+        seed = self.seeds[slot]
+        sampler = _EpochBatches(self.train_indices, self.batch_size, seed, start, stop, self.shard)
+        return self._on_device(self._loader(_Images(self.samples, self.train_transform, seed), seed,
+                                            batch_sampler=sampler))
 
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, device: torch.device | str, autocast: bool = False) -> dict[str, float]:
-        """Top-1 and top-5 error % and mean loss per evaluation crop, the model in evaluation mode; the
-        reported crop's are `test_error`, `test_error_top5` and `test_loss`, the others are suffixed
-        with the crop's name."""
-        device = torch.device(device)
-        was_training = model.training
-        model.eval()
-        out: dict[str, float] = {}
-        try:
-            for crop in self.eval_crops:
-                wrong1 = wrong5 = loss = 0.0
-                count = 0
-                for x, y in self.eval_batches(crop):
-                    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                    y = y.to(device, non_blocking=True)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        logits = model(x).float()
-                    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                    hit = top == y[:, None]
-                    wrong1 += float((~hit[:, 0]).sum())
-                    wrong5 += float((~hit.any(dim=1)).sum())
-                    loss += float(F.cross_entropy(logits, y, reduction="sum"))
-                    count += len(y)
-                suffix = "" if crop == self.report_crop else f"_{crop}"
-                out.update({f"test_error{suffix}": 100.0 * wrong1 / count,
-                            f"test_error_top5{suffix}": 100.0 * wrong5 / count, f"test_loss{suffix}": loss / count})
-        finally:
-            model.train(was_training)
-        return out
+    def train_batch(self, slot: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        expected, stream = self._streams.get(slot, (None, None))
+        if expected != iteration:  # the first ask, or a jump: a stream from here to the end
+            stream = self.train_batches(slot, iteration, self.iterations)
+        self._streams[slot] = (iteration + 1, stream)
+        return next(stream)
+
+    def eval_batches(self, images: int | None = None) -> tuple[int, dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]]]:
+        """The evaluation set (all of it, or `images` evenly spaced ones) at every evaluation crop, in folder
+        order, this shard's part; the reported crop's view is named "", the others by their crop."""
+        samples = self.eval_samples
+        if images is not None and images < len(samples):
+            samples = [samples[i] for i in np.arange(images) * len(samples) // images]
+        mine = samples[self.shard.part(len(samples))]
+        views = {}
+        for crop, (resize, size) in self.eval_crops.items():
+            loader = self._loader(_Images(mine, eval_transform(resize, size)), self.seeds[0], batch_size=self.eval_batch)
+            views["" if crop == self.report_crop else f"_{crop}"] = self._on_device(loader)
+        return len(samples), views
 
 
-def open_image_folder(name: str, *, seed: int, batch_size: int, data_dir: str | os.PathLike | None = None,
+def open_image_folder(name: str, *, seeds: list[int], batch_size: int, data_dir: str | os.PathLike | None = None,
                       **options) -> ImageFolderSource:
     """The named ImageFolder dataset under the data root, as one trial's source (options: see
-    ImageFolderSource: subset, validation, split_seed, workers, pin_memory, crops, eval_batch)."""
-    return ImageFolderSource(name, image_folder_dir(name, data_dir).resolve(), seed=seed, batch_size=batch_size,
+    ImageFolderSource: iterations, subset, validation, split_seed, augment, workers, device, shard, crops,
+    eval_batch)."""
+    return ImageFolderSource(name, image_folder_dir(name, data_dir).resolve(), seeds=seeds, batch_size=batch_size,
                              **options)

@@ -49,9 +49,12 @@ class Recipe(BaseModel):
     # auto: bf16 autocast where the device makes it faster (CUDA, CPUs with bf16 matrix units), else fp32.
     # BN statistics, the loss, the gates and the optimizer state stay fp32 either way.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Several workers of one trial: BN statistics over the whole global batch (torch's SyncBatchNorm, CUDA
+    # only) instead of each worker's share (the paper's per-GPU BN, the default).
+    sync_bn: bool = False
 
     # Fields added after trial keys were first made, left out of the dump at their defaults.
-    _later = omit_at_defaults("nesterov")
+    _later = omit_at_defaults("nesterov", "sync_bn")
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "Recipe":
