@@ -136,16 +136,24 @@ def recipe_overrides(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> Any:
     from workers.checkpoint import CheckpointError
+    from workers.launch import LaunchError, run_workers
     from workers.sinks import JsonLinesSink
     from workers.trainer import run_trial, trial_config
     if args.iterations is not None and args.iterations < 1:
         raise UsageError(f"--iterations must be positive, got {args.iterations}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be positive, got {args.workers}")
     fields = {k: v for k, v in model_fields(args).items() if k not in ("in_channels", "num_classes", "plan")}
-    config = trial_config(fields, args.dataset, recipe_overrides(args), args.seed, subset=args.subset)
+    config = trial_config(fields, args.dataset, recipe_overrides(args), args.seed, subset=args.subset,
+                          workers=args.workers)
     try:
-        result = run_trial(config, checkpoint_dir=args.checkpoint_dir, sink=JsonLinesSink(sys.stderr),
-                           threads=args.threads, device=args.device)
-    except CheckpointError as exc:
+        if args.workers > 1:
+            result = run_workers(config, checkpoint_dir=args.checkpoint_dir, threads=args.threads, device=args.device,
+                                 log=True)
+        else:
+            result = run_trial(config, checkpoint_dir=args.checkpoint_dir, sink=JsonLinesSink(sys.stderr),
+                               threads=args.threads, device=args.device)
+    except (CheckpointError, LaunchError) as exc:
         raise UsageError(str(exc)) from None
     return {k: v for k, v in result.items() if k != "history"}
 
@@ -482,8 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="train for K iterations, the schedule rescaled to fit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from the newest")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores; per worker: the cores shared out)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present; cuda with --workers: one "
+                   "GPU per worker)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="split each batch over N worker processes on this machine (DistributedDataParallel; BN "
+                   "per worker); part of the trial's identity")
 
     p = command("run", "run a grid to completion on RAY_ADDRESS or a local Ray; the same command resumes")
     p.add_argument("grid", help="a grid file (YAML or JSON) or a bundled grid name (`ablate grids`)")

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ablations.paper import GRIDS
 from ablations.spec import (DATASET_SHAPES, MODEL_FIELDS, VARIANTS, SpecError, dataset_model_fields, load_yaml,
-                            make_spec, validate_mapping, variant_fields)
+                            make_spec, omit_at_defaults, raise_one_line, validate_mapping, variant_fields)
 
 NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
 DEFAULT_MAX_TRIALS = 5000
@@ -51,9 +51,21 @@ class VariantSpec(BaseModel):
 
 
 class Resources(BaseModel):
+    """What one trial asks of the cluster: `cpu` and `gpu` for each of its `workers`. One worker is a Ray
+    task; several are one Ray Train job whose ranks split each global batch (DistributedDataParallel)."""
     model_config = ConfigDict(extra="forbid")
     cpu: float = Field(1.0, gt=0, le=1024)
     gpu: float = Field(0.0, ge=0, le=64)
+    workers: int = Field(1, ge=1, le=4096, description="processes (devices) one trial trains on")
+
+    # Fields added after grid ids were first made, left out of the dump at their defaults.
+    _later = omit_at_defaults("workers")
+
+    @model_validator(mode="after")
+    def _one_device_per_rank(self) -> "Resources":
+        if self.workers > 1 and self.gpu not in (0, 1):
+            raise ValueError(f"gpu must be 0 or 1 with several workers (one device per rank), got {self.gpu:g}")
+        return self
 
 
 class GridSpec(BaseModel):
@@ -149,6 +161,10 @@ class GridSpec(BaseModel):
                              f"(or write a mapping with name and model fields)")
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline {self.baseline!r} is not one of the variants: {', '.join(names)}")
+        if self.fuse_seeds > 1 and self.resources.workers > 1:
+            # Fusion fills one device with several small trials; several workers split one large trial.
+            raise ValueError("fuse_seeds and resources.workers above 1 exclude each other: fusing fills one "
+                             "device with several seeds, workers split one seed over several devices")
         return self
 
     def variant_names(self) -> list[str]:
@@ -265,6 +281,9 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
                                                         train_size=training_size(dataset, spec.subset))
             except RecipeError as exc:
                 raise GridError(f"recipe: {exc}" if recipe is spec.recipe else f"variants.{name}.recipe: {exc}") from None
+            if recipes[dataset, name].sync_bn and not spec.resources.gpu:
+                raise GridError("recipe: sync_bn needs GPUs (resources.gpu: 1): torch's SyncBatchNorm does not run "
+                                "on CPU")
     shared = {k: v for k, v in (("block", spec.block), ("width", spec.width)) if v is not None}
     trials = []
     for dataset in spec.datasets:
@@ -278,8 +297,11 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
                 except SpecError as exc:
                     raise GridError(f"variants.{name} at depth {depth}: {exc}") from None
                 for seed in seeds:
-                    config = TrialConfig(model=model, dataset=dataset, subset=spec.subset,
-                                         recipe=recipes[dataset, name], seed=seed)
+                    try:
+                        config = TrialConfig(model=model, dataset=dataset, subset=spec.subset,
+                                             recipe=recipes[dataset, name], seed=seed, workers=spec.resources.workers)
+                    except ValidationError as exc:
+                        raise_one_line(exc, GridError, f"variants.{name}")
                     trials.append(GridTrial(dataset, depth, name, seed, config))
     return trials
 

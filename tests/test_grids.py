@@ -84,6 +84,13 @@ baseline: half
     ({"variants": [{"name": "x", "shortcut": "scale", "gate_bias": -6}]}, "gate_bias applies only"),
     ({"variants": [{"name": "x", "colour": 1}]}, "colour"),
     ({"resources": {"cpu": 0}}, "resources.cpu"),
+    ({"resources": {"workers": 2, "gpu": 0.5}}, "gpu must be 0 or 1 with several workers"),
+    ({"resources": {"workers": 2}, "fuse_seeds": 2}, "fuse_seeds and resources.workers above 1 exclude each other"),
+    ({"resources": {"workers": 3}, "recipe": {"base": "smoke", "batch_size": 32}},
+     "batch_size 32 does not split into 3 equal shards"),
+    ({"resources": {"workers": 2}, "recipe": {"base": "smoke", "sync_bn": True}}, "sync_bn needs GPUs"),
+    ({"recipe": {"base": "smoke", "sync_bn": True}, "resources": {"gpu": 1}},
+     "sync_bn only means something with several workers"),
 ])
 def test_rejected_specs(change, needle):
     with pytest.raises(GridError) as info:
@@ -171,3 +178,12 @@ def test_the_1layer_and_batch64_rows():
     # The batch-128 row is table3-cifar10's trial: one key, trained once.
     table3 = {t.key for t in expand_grid(load_grid("table3-cifar10"))}
     assert by_variant["full_preact"].key in table3
+
+
+def test_workers_are_part_of_a_trials_identity_only_above_one():
+    """Per-worker BN makes the world size part of what trains: 2 workers are other trials, 1 is today's."""
+    one, two = (expand_grid(load_grid({**BASE, "resources": {"workers": w}})) for w in (1, 2))
+    assert [t.key for t in one] == [t.key for t in expand_grid(load_grid(BASE))]
+    assert load_grid({**BASE, "resources": {"workers": 1}}).grid_id() == load_grid(BASE).grid_id()
+    assert {t.config.workers for t in two} == {2} and not {t.key for t in one} & {t.key for t in two}
+    assert "workers" not in one[0].config.model_dump() and two[0].config.model_dump()["workers"] == 2
