@@ -3,8 +3,8 @@
 Imports nothing from the other Ablate packages. Names that need torch load on first use, so that
 reading specs (and `ablate --help`) stays instant.
 """
-from .spec import (BLOCKS, DATASET_SHAPES, PAPER_DEPTHS, SHORTCUTS, UNITS, VARIANTS, ModelSpec, SpecError,
-                   make_spec, variant_fields)
+from .spec import BLOCKS, PAPER_DEPTHS, SHORTCUTS, UNITS, VARIANTS, ModelSpec, SpecError, make_spec, variant_fields
+from .vocabulary import DATASET_SHAPES
 
 _LAZY = {"probe_propagation": "probe", "ResNet": "resnet", "build_model": "resnet", "count_macs": "resnet",
          "count_params": "resnet"}

@@ -6,9 +6,11 @@ typo fails with the list of choices before any module is built.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+
+from .vocabulary import DATASET_SHAPES, excerpt
 
 # Activation placements of Fig. 4 (a)-(e).
 UNITS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
@@ -28,18 +30,8 @@ LAYERS_PER_UNIT = {"basic": 2, "bottleneck": 3, "single": 1}
 IMAGENET_STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
                    101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3)),
                    200: ("bottleneck", (3, 24, 36, 3))}
-# Input channels, image size and classes per dataset: the stem and classifier follow the data.
-DATASET_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "fashion-mnist": (1, 28, 10),
-                  "synthetic": (3, 32, 10), "imagenet": (3, 224, 1000)}
 # The network plan each dataset takes (the rest take `cifar`).
 DATASET_PLANS = {"imagenet": "imagenet"}
-# Training-set sizes: an epoch-based recipe becomes iterations with these (ILSVRC-2012: 1,281,167 images).
-DATASET_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_000, "synthetic": 5_000,
-                 "imagenet": 1_281_167}
-# Test-set sizes: the binomial sampling error of a test error is sqrt(p(1 − p) / N_test) (ILSVRC-2012: the
-# 50,000 validation images the paper reports on).
-TEST_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "fashion-mnist": 10_000, "synthetic": 1_000,
-              "imagenet": 50_000}
 
 # Fields that only mean something for one shortcut type; setting them elsewhere is a mistake.
 SHORTCUT_FIELDS = {"shortcut_scale": ("scale",), "residual_scale": ("scale",),
@@ -51,9 +43,18 @@ class SpecError(ValueError):
     """A specification that cannot be built; the message is one line naming the valid choices."""
 
 
+# Bounds on a YAML or JSON document, checked on its parse events before any object is built. A spec is a
+# few hundred nodes four levels deep; a seed list as long as the trial cap (5000) is 5000 nodes.
+# Aliases stay allowed (an anchored recipe shared by variants is fair use) but count as the nodes they
+# repeat: nine levels of ten `*a` are 10^9 nodes in 589 bytes, and before this bound such a grid took
+# the service 10.7 s and 1.97 GB to answer with a 522 MB error message.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 32  # deeper nesting overflowed the Python stack (RecursionError) at about 1000 levels
+MAX_YAML_SCALAR = 4096  # characters: a path fits; a longer number is only work (YAML 1.1 reads 1:2:3 as base 60)
+
 def _choice(field: str, value: str, choices) -> str:
     if value not in choices:
-        raise SpecError(f"unknown {field} {value!r}; choose one of: {', '.join(map(str, choices))}")
+        raise SpecError(f"unknown {field} {excerpt(value)}; choose one of: {', '.join(map(str, choices))}")
     return value
 
 
@@ -158,18 +159,31 @@ class ModelSpec(BaseModel):
         return self.unit in ("relu_only_preact", "full_preact")
 
 
+def _first_error(exc: ValidationError) -> dict[str, Any]:
+    """pydantic's first error, or, when that is only the input failing one member of a union ("not a string"),
+    the first error of the same field that says what is wrong with the input in the member it fits."""
+    errors = exc.errors()
+    first = errors[0]
+    if first["type"].endswith("_type"):
+        return next((e for e in errors if e["loc"][:1] == first["loc"][:1] and not e["type"].endswith("_type")),
+                    first)
+    return first
+
+
 def validation_reason(exc: ValidationError, subject: str) -> str:
     """pydantic's first error in one line: the field path, the reason and, for type errors, the value."""
-    err = exc.errors()[0]
-    # Union members show up in the path as type names ("str", "list[...]", "int"): not fields.
-    where = ".".join(str(p) for p in err["loc"] if not re.match(r"^(str|int|float|list\[|dict\[|[A-Z]\w*Spec$)", str(p)))
-    value = "" if err["type"] == "value_error" else f" (got {err.get('input')!r})"
+    err = _first_error(exc)
+    # Union members show up in the path as type names ("str", "list[...]", "function-after[...]"): not fields.
+    # A path can hold an input's own key (an unknown field), so each part is cut short too.
+    where = ".".join(str(p) if len(str(p)) <= 40 else excerpt(str(p), 40) for p in err["loc"]
+                     if not re.match(r"^(str|int|float|list\[|dict\[|function-after\[|[A-Z]\w*Spec$)", str(p)))
+    value = "" if err["type"] == "value_error" else f" (got {excerpt(err.get('input'))})"
     return f"{where or subject}: {err['msg'].removeprefix('Value error, ')}{value}"
 
 
 def raise_one_line(exc: ValidationError, error: type[ValueError], subject: str) -> NoReturn:
     """Re-raise a validation failure as `error` with one line; our own errors inside pass through."""
-    inner = (exc.errors()[0].get("ctx") or {}).get("error")
+    inner = (_first_error(exc).get("ctx") or {}).get("error")
     if isinstance(inner, error):
         raise inner from None
     raise error(validation_reason(exc, subject)) from None
@@ -189,14 +203,55 @@ def validate_mapping(model: type[M], data: Any, error: type[ValueError], subject
 
 
 def load_yaml(text: str, error: type[ValueError], subject: str) -> Any:
-    """YAML (or JSON) text with the safe loader (no Python objects); a syntax error is one `error` line."""
+    """YAML (or JSON) text with the safe loader (no Python objects), within the bounds above; a syntax
+    error, a bound passed or a value Python cannot hold is one `error` line."""
     import yaml
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the same document, 8x faster
     try:
-        return yaml.safe_load(text)
+        _check_bounds(yaml.parse(text, Loader=loader), error, subject)
+        return yaml.load(text, Loader=loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise error(f"{subject} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        problem = (getattr(exc, "problem", None) or str(exc)).splitlines()[0]
+        raise error(f"{subject} is not valid YAML{where}: {problem}") from None
+    except ValueError as exc:
+        if isinstance(exc, error):
+            raise
+        # YAML reads it, Python cannot hold it: a date such as 2001-13-45.
+        raise error(f"{subject} holds a value that cannot be read: {exc}") from None
+
+
+def _check_bounds(events, error: type[ValueError], subject: str) -> None:
+    """Walk the parse events once, counting each node as what it stands for once aliases are expanded."""
+    import yaml
+    named: dict[str, int] = {}  # anchor → nodes in what it names
+    open_: list[list] = []  # collections being read: [anchor, nodes so far]
+    for event in events:
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            open_.append([event.anchor, 1])
+            if len(open_) > MAX_YAML_DEPTH:
+                raise error(f"{subject} nests deeper than {MAX_YAML_DEPTH} levels "
+                            f"(line {event.start_mark.line + 1})")
+            continue
+        if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            anchor, nodes = open_.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            if len(event.value) > MAX_YAML_SCALAR:
+                raise error(f"{subject} has a value over {MAX_YAML_SCALAR} characters "
+                            f"(line {event.start_mark.line + 1})")
+            anchor, nodes = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, nodes = None, named.get(event.anchor, 1)  # an unknown anchor: the loader says so
+        else:
+            continue  # stream and document boundaries
+        if anchor is not None:
+            named[anchor] = nodes
+        if open_:
+            open_[-1][1] += nodes
+            nodes = open_[-1][1]
+        if nodes > MAX_YAML_NODES:
+            raise error(f"{subject} has more than {MAX_YAML_NODES} values once its aliases are expanded")
 
 
 def make_spec(**fields: Any) -> ModelSpec:
@@ -245,3 +300,15 @@ MODEL_FIELDS = tuple(name for name in ModelSpec.model_fields if name not in ("de
 def variant_fields(name: str) -> dict[str, Any]:
     """The model fields of a catalogue variant, or SpecError listing the catalogue."""
     return dict(VARIANTS[_choice("variant", name, VARIANTS)])
+
+
+def check_variant(name: str) -> str:
+    """`name` when the catalogue has it, else ValueError listing the catalogue (a spec may write its own)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {excerpt(name)}; catalogue: {', '.join(VARIANTS)} "
+                         f"(or write a mapping with name and model fields)")
+    return name
+
+
+# A catalogue name as a field type of the spec models (grid, tuning study).
+CatalogueVariant = Annotated[str, AfterValidator(check_variant)]

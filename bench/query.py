@@ -320,7 +320,7 @@ def start_mlflow_fixture(spec, grid_id: str, trials, results, use_cache: bool, w
     os.environ["ABLATE_HOME"] = str(build)   # Tracker puts a sqlite store's artifacts under ABLATE_HOME
     tracker = Tracker(uri)
     experiment_id = tracker.experiment(spec.name)
-    parent = tracker.start_grid(spec.name, grid_id, spec.model_dump(mode="json", by_alias=True))
+    parent = tracker.start_grid(spec.name, grid_id)
     workers = API_WORKERS if writer == "api" else 1
     log(f"MLflow fixture: schema + parent run in {time.perf_counter() - start:.1f} s; writing {len(trials)} "
         f"child runs ({writer}) in {workers} process(es)")

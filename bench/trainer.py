@@ -1,29 +1,35 @@
-"""Training throughput of Ablate's trainer against a naive eager PyTorch loop, in the same run.
+"""Training throughput of Ablate's trainer in each of its modes against a naive eager PyTorch loop, in the
+same run, with what the machine offers for bf16.
 
 What it measures, per depth (default ResNet-20 and ResNet-110, original unit), on CIFAR-shaped synthetic
 data (3×32×32, 10 classes, batch 128, pad-4 crop + flip augmentation, SGD momentum 0.9):
 
-- ablate: `workers.trainer.run_trial`, the product itself, called for real. Its log records carry
-  `img_per_s` for the window since the previous one (it evaluates only at the end, after the last
-  window closes); the first window is warm-up (allocator, oneDNN primitive caches) and is discarded, the rest are measured windows.
+- ablate, one line per mode: `workers.trainer.run_trial`, the product itself, called for real, with its
+  precision and compile decision set: `fp32` (eager), `bf16` (autocast), `fp32+compile`, `bf16+compile`.
+  Its log records carry `img_per_s` for the window since the previous one (it evaluates only at the end,
+  after the last window closes); the first window is warm-up (allocator, oneDNN primitive caches, and
+  for compiled modes the compilation, reported as `first window s`) and is discarded.
 - naive: what a typical user writes: a `DataLoader` (num_workers=0: two cores) over a Dataset of float
   NCHW tensors with per-sample `torchvision.transforms.v2` RandomCrop(32, padding=4) and
-  RandomHorizontalFlip, the same model in the default NCHW layout, eager, `loss.item()` every step.
+  RandomHorizontalFlip, the same model in the default NCHW layout, fp32 eager, `loss.item()` every step.
   Same warm-up and window sizes, timed with `time.perf_counter`.
-- peak: the best fp32 2048² matmul GFLOP/s, measured at the start and at the end of the run.
+- auto: the mode `precision: auto` and the compile rule pick on this machine for a paper-length trial
+  (`resolve_precision`, `should_compile` on the paper-cifar recipe): the headline `ratio=`.
+- machine: the CPU's bf16 units as it reports them (AMX, AVX-512 BF16), and the best 2048² matmul
+  GFLOP/s in fp32 and in bf16, measured at the start and at the end of the run.
 
 Throughput is the median of the measured windows of each loop; the loops alternate (A B A B with the
-default two rounds) so that drift (thermal, a noisy neighbour) hits both. Achieved GFLOP/s is
-img/s × 3 × 2 × forward MACs (backward ≈ 2× forward, 2 flops per multiply-accumulate).
+default two rounds) so that drift (thermal, a noisy neighbour) hits both. Slow modes are measured only at
+the first depth (on CPUs without bf16 units bf16 is emulated, about 10× slower: `--modes` picks).
 
-Run from the repository root (about 4 minutes on 2 cores; `--quick` is a smoke run of seconds):
+Run from the repository root (about 5 minutes on 2 cores; `--quick` is a smoke run of seconds):
 
     .venv/bin/python bench/trainer.py
-    .venv/bin/python bench/trainer.py --depths 20 --rounds 3 --windows 20:4
+    .venv/bin/python bench/trainer.py --depths 20 --rounds 3 --windows 20:4 --modes fp32,bf16
     .venv/bin/python bench/trainer.py --quick
 
-The last line is `key=value` pairs; `ratio=` is Ablate's img/s over the naive loop's at ResNet-20 (>1 is
-better), `ratio_rN=` the same at depth N.
+The last line is `key=value` pairs; `ratio=` is the auto mode's img/s over the naive loop's at ResNet-20
+(>1 is better), `ratio_<mode>_rN=` each mode's at depth N.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: `import ablations` needs the repo root
@@ -44,8 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from ablations import build_model, count_macs  # noqa: E402
 from workers.recipes import resolve_recipe  # noqa: E402
-from workers.sinks import MemorySink  # noqa: E402
-from workers.trainer import run_trial, trial_config  # noqa: E402
+from workers.trainer import cpu_flags, resolve_precision, run_trial, should_compile, trial_config  # noqa: E402
 
 BATCH = 128
 DATASET = "synthetic"
@@ -56,6 +62,9 @@ VALIDATION = 0.02
 # Iterations per window by depth: on 2 cores ResNet-110 runs 40-60 img/s (2-3 s a step), ResNet-20 ~6× faster.
 DEFAULT_WINDOW = {20: 8, 110: 3}
 QUICK_WINDOW = {20: 2, 110: 1}
+# mode → (precision, compile)
+MODES = {"fp32": ("fp32", False), "bf16": ("bf16", False), "fp32+compile": ("fp32", True),
+         "bf16+compile": ("bf16", True)}
 
 
 def window_for(depth: int, table: dict[int, int]) -> int:
@@ -93,34 +102,45 @@ def wait_quiet(max_wait: float, threshold: float = 0.10) -> float:
 
 
 # --- peak ------------------------------------------------------------------------------------------------
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Best-of fp32 n×n @ n×n GFLOP/s: the attainable dense-compute ceiling with the current threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):  # warm-up: MKL thread pool, page faults on the output, clock ramp-up
-        a @ b
-    best = 0.0
-    for _ in range(reps):
+def matmul_peak(n: int = 2048, dtype: torch.dtype = torch.float32, budget_s: float = 3.0) -> float:
+    """Best-of n×n @ n×n GFLOP/s in `dtype` over about `budget_s` seconds (at least 3 products): the attainable
+    dense-compute ceiling with the current threads. bf16 without hardware support is emulated and can be
+    two orders slower, hence a time budget rather than a count."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up: MKL/oneDNN thread pool, page faults on the output, clock ramp-up
+    best, start, reps = 0.0, time.perf_counter(), 0
+    while reps < 3 or time.perf_counter() - start < budget_s:
         t = time.perf_counter()
         a @ b
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+        reps += 1
     return best
 
 
+def auto_mode() -> str:
+    """The mode a paper-length trial takes here: `precision: auto` resolved, and the compile rule."""
+    precision = resolve_precision("auto", torch.device("cpu"))
+    recipe = resolve_recipe("paper-cifar")
+    macs = count_macs(build_model(depth=20, unit="original"), 32)
+    return precision + ("+compile" if should_compile(None, torch.device("cpu"), macs, recipe) else "")
+
+
 # --- ablate ----------------------------------------------------------------------------------------------
-def ablate_windows(depth: int, window: int, windows: int, threads: int) -> list[float]:
-    """img/s of each measured window of one real `run_trial`; window 0 (warm-up) is dropped."""
+def ablate_windows(depth: int, window: int, windows: int, threads: int, mode: str) -> tuple[list[float], float]:
+    """img/s of each measured window of one real `run_trial` in `mode`, window 0 (warm-up) dropped; and the
+    seconds to the end of window 0 (compilation included)."""
+    precision, compiled = MODES[mode]
     iterations = window * (windows + 1)
     recipe = resolve_recipe("smoke", dict(iterations=iterations, batch_size=BATCH, augment=True, lr=LR,
                                           momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, milestones=(),
                                           warmup_iterations=0, log_every=window, eval_every=iterations,
-                                          checkpoint_every=iterations))
+                                          checkpoint_every=iterations, precision=precision))
     config = trial_config({"depth": depth, "unit": "original"}, DATASET, recipe, seed=0, validation=VALIDATION)
-    sink = MemorySink()
-    run_trial(config, threads=threads, sink=sink, device="cpu")
-    rates = [r["img_per_s"] for r in sink.records if "img_per_s" in r]
+    history = run_trial(config, threads=threads, device="cpu", compile_model=compiled)["history"]
+    rates = [h["img_per_s"] for h in history if "img_per_s" in h]  # log points (live points are sink-only)
     if len(rates) != windows + 1:
         raise RuntimeError(f"expected {windows + 1} log records from run_trial, got {len(rates)}")
-    return rates[1:]
+    return rates[1:], window * BATCH / rates[0]
 
 
 # --- naive -----------------------------------------------------------------------------------------------
@@ -180,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measured", type=int, default=None, help="measured windows per loop per round (default 3)")
     ap.add_argument("--rounds", type=int, default=None, help="A B rounds per depth (default 2; --quick: 1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads (default: cores)")
+    ap.add_argument("--modes", default=None,
+                    help=f"Ablate's modes to measure at the first depth, from {', '.join(MODES)} (default: all); "
+                         "later depths measure fp32 and the auto mode")
     ap.add_argument("--settle", type=float, default=None,
                     help="before each loop, wait up to this many seconds for a quiet machine (default 60; "
                          "--quick: 0); waiting is reported, and the wall time includes it")
@@ -194,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     measured = args.measured or (1 if quick else 3)
     rounds = args.rounds or (1 if quick else 2)
     threads = args.threads
+    modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",")]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        ap.error(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
     if args.settle is None:
         args.settle = 0.0 if quick else 60.0
 
@@ -204,63 +231,71 @@ def main(argv: list[str] | None = None) -> int:
 
     wall, busy = time.perf_counter(), busy_seconds()
     torch.set_num_threads(threads)
-    peaks = [matmul_peak()]
-    print(f"fp32 matmul peak: {peaks[0]:.1f} GFLOP/s ({threads} threads, {torch.backends.cpu.get_cpu_capability()})",
-          flush=True)
+    units = sorted({"amx_bf16", "amx_tile", "avx512_bf16", "avx512f"} & cpu_flags())
+    peaks = {"fp32": [matmul_peak()], "bf16": [matmul_peak(1024, torch.bfloat16)]}
+    auto = auto_mode()
+    print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, bf16-relevant flags: {', '.join(units) or 'none'}; "
+          f"matmul peak fp32 {peaks['fp32'][0]:.1f}, bf16 {peaks['bf16'][0]:.1f} GFLOP/s ({threads} threads); "
+          f"auto mode here: {auto}", flush=True)
 
-    results = {}
-    for depth in depths:
+    results: dict[int, dict[str, Any]] = {}
+    for index, depth in enumerate(depths):
         window = window_for(depth, table)
         macs = count_macs(build_model(depth=depth, unit="original"), 32)
-        ab, nv = [], []
+        here = modes if index == 0 else sorted({"fp32", auto}, key=list(MODES).index)
+        rates: dict[str, list[float]] = {m: [] for m in [*here, "naive"]}
+        first: dict[str, list[float]] = {m: [] for m in here}
         for r in range(rounds):
-            # Alternate which loop goes first, so neither always runs on a cooler (or warmer) machine.
-            order = ("ablate", "naive") if r % 2 == 0 else ("naive", "ablate")
+            # Alternate the order, so no loop always runs on a cooler (or warmer) machine.
+            order = [*here, "naive"] if r % 2 == 0 else ["naive", *reversed(here)]
             for which in order:
                 if args.settle > 0 and (waited := wait_quiet(args.settle)) > 1.5:
                     print(f"  (waited {waited:.0f} s for other processes to quiet down)", flush=True)
-                if which == "ablate":
-                    ab += ablate_windows(depth, window, measured, threads)
+                if which == "naive":
+                    rates["naive"] += naive_windows(depth, window, measured, threads, data)
                 else:
-                    nv += naive_windows(depth, window, measured, threads, data)
-            print(f"  resnet-{depth} round {r + 1}/{rounds}: ablate {[round(v) for v in ab[-measured:]]} "
-                  f"naive {[round(v) for v in nv[-measured:]]} img/s", flush=True)
-        results[depth] = (statistics.median(ab), statistics.median(nv), macs)
+                    got, warm = ablate_windows(depth, window, measured, threads, which)
+                    rates[which] += got
+                    first[which].append(warm)
+            print(f"  resnet-{depth} round {r + 1}/{rounds}: " + ", ".join(
+                f"{m} {[round(v) for v in rates[m][-measured:]]}" for m in rates) + " img/s", flush=True)
+        results[depth] = {"macs": macs, "rates": {m: statistics.median(v) for m, v in rates.items()},
+                          "first": {m: statistics.median(v) for m, v in first.items()}}
 
-    peaks.append(matmul_peak())
-    peak = max(peaks)  # the ceiling: the better of the two, so drift does not flatter the fractions
+    peaks["fp32"].append(matmul_peak())
+    peaks["bf16"].append(matmul_peak(1024, torch.bfloat16))
+    peak = {k: max(v) for k, v in peaks.items()}  # the ceiling: the better of the two, so drift does not flatter
     wall = time.perf_counter() - wall
     busy_end = busy_seconds()
     # Share of the machine's CPU time that other processes took during the run: above ~0.05 the figures
-    # are disturbed (the ratio less so, since both loops alternate), and the run is worth repeating.
+    # are disturbed (the ratio less so, since the loops alternate), and the run is worth repeating.
     others = (max(0.0, (busy_end[0] - busy[0]) - (busy_end[1] - busy[1])) / (wall * (os.cpu_count() or 1))
               if busy and busy_end else float("nan"))
 
-    print(f"\nfp32 matmul peak {peak:.1f} GFLOP/s (start {peaks[0]:.1f}, end {peaks[1]:.1f}); batch {BATCH}, "
+    print(f"\nmatmul peak fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s; batch {BATCH}, "
           f"{threads} threads, wall {wall:.0f} s")
     print(f"other processes used {100 * others:.0f}% of the machine's CPU time during the run"
           + ("  <- noisy: rerun on a quiet machine" if others > 0.05 else ""))
-    kv = {"bench": "trainer", "ratio": ""}  # the headline second, filled in below
-    for depth, (a, n, macs) in results.items():
-        ga, gn = a * 6 * macs / 1e9, n * 6 * macs / 1e9
+    kv = {"bench": "trainer", "ratio": "", "auto": auto}  # the headline second, filled in below
+    for depth, res in results.items():
+        macs, naive = res["macs"], res["rates"]["naive"]
         print(f"\nResNet-{depth} (original unit), {macs / 1e6:.1f} MMAC/image forward")
-        print(f"  {'loop':<8}{'img/s':>9}{'GFLOP/s':>10}{'% peak':>9}")
-        print(f"  {'ablate':<8}{a:>9.1f}{ga:>10.1f}{100 * ga / peak:>8.1f}%")
-        print(f"  {'naive':<8}{n:>9.1f}{gn:>10.1f}{100 * gn / peak:>8.1f}%")
-        print(f"  ratio ablate/naive: {a / n:.2f}")
-        suffix = f"r{depth}"
-        if depth == 20:
-            kv["ratio"] = f"{a / n:.3f}"
-        kv[f"ratio_{suffix}"] = f"{a / n:.3f}"
-        kv[f"ablate_img_s_{suffix}"] = f"{a:.1f}"
-        kv[f"naive_img_s_{suffix}"] = f"{n:.1f}"
-        kv[f"ablate_gflops_{suffix}"] = f"{ga:.1f}"
-        kv[f"naive_gflops_{suffix}"] = f"{gn:.1f}"
-        kv[f"ablate_peak_frac_{suffix}"] = f"{ga / peak:.3f}"
-        kv[f"naive_peak_frac_{suffix}"] = f"{gn / peak:.3f}"
-    if not kv["ratio"]:  # no ResNet-20 in this run: the first depth is the headline
-        kv["ratio"] = kv[f"ratio_r{depths[0]}"]
-    kv["peak_gflops"] = f"{peak:.1f}"
+        print(f"  {'loop':<21}{'img/s':>9}{'GFLOP/s':>10}{'% peak':>9}{'vs naive':>10}{'first window s':>16}")
+        for mode, rate in res["rates"].items():
+            flops = rate * 6 * macs / 1e9
+            ceiling = peak["bf16" if mode.startswith("bf16") else "fp32"]
+            warm = res["first"].get(mode)
+            print(f"  {mode + (' (auto)' if mode == auto else ''):<21}{rate:>9.1f}{flops:>10.1f}"
+                  f"{100 * flops / ceiling:>8.1f}%{rate / naive:>10.2f}{'' if warm is None else f'{warm:.1f}':>16}")
+            if mode != "naive":
+                kv[f"ratio_{mode.replace('+', '_')}_r{depth}"] = f"{rate / naive:.3f}"
+        if auto in res["rates"] and not kv["ratio"]:
+            kv["ratio"] = f"{res['rates'][auto] / naive:.3f}"
+        kv[f"naive_img_s_r{depth}"] = f"{naive:.1f}"
+        kv[f"auto_img_s_r{depth}"] = f"{res['rates'].get(auto, float('nan')):.1f}"
+    kv["peak_gflops_fp32"] = f"{peak['fp32']:.1f}"
+    kv["peak_gflops_bf16"] = f"{peak['bf16']:.1f}"
+    kv["bf16_units"] = "yes" if {"amx_bf16", "avx512_bf16"} & set(units) else "no"
     kv["threads"] = str(threads)
     kv["wall_s"] = f"{wall:.0f}"
     kv["others_cpu_frac"] = f"{others:.2f}"

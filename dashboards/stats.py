@@ -71,21 +71,18 @@ import pyarrow as pa
 from scipy import stats
 
 from ablations.paper import FAIL_THRESHOLD, PAPER_METRICS, paper_value
-from ablations.spec import TEST_SIZES
+from ablations.spec import excerpt
+from ablations.vocabulary import ENDED, MEASURED, METRICS, STATUSES, TEST_SIZES
 
 from . import DEFAULT_DESIGN, DESIGNS
 
-STATUSES = ("queued", "running", "finished", "diverged", "error", "cancelled")
-ENDED = ("finished", "diverged", "error")   # terminal states that should have produced a result
-MEASURED = ("finished", "diverged")         # terminal states whose value is a result
-METRICS = ("test_error", "test_error_top5", "train_loss", "train_error")
 SETTING_KEYS = ("dataset", "depth")
 KEYS = [*SETTING_KEYS, "variant"]
 
 RESULTS_SCHEMA = pa.schema([("dataset", pa.string()), ("depth", pa.int64()), ("variant", pa.string()),
                             ("seed", pa.int64()), ("status", pa.string()), ("test_error", pa.float64()),
                             ("train_loss", pa.float64()), ("train_error", pa.float64()),
-                            ("test_size", pa.int64()), ("test_error_top5", pa.float64())])
+                            ("test_size", pa.int64()), ("precision", pa.string()), ("test_error_top5", pa.float64())])
 
 # Mean CIs use Student's t below this many values and a BCa bootstrap from it on (the t-interval leans on
 # normality, which small samples cannot check; the bootstrap needs enough values to resample).
@@ -132,18 +129,19 @@ def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, base
     `design`: `paired` (by seed) or `welch` (independent samples); see the module docstring.
     """
     if design not in DESIGNS:
-        raise ValueError(f"unknown design {design!r}; choose one of: {', '.join(DESIGNS)}")
+        raise ValueError(f"unknown design {excerpt(design)}; choose one of: {', '.join(DESIGNS)}")
     frame = _frame(results, metric)
     paper = paper or (lambda dataset, depth, variant: paper_value(dataset, depth, variant, metric))
     if frame.empty:
         return []
     if baseline not in set(frame["variant"]):
-        raise ValueError(f"baseline {baseline!r} has no runs; variants: {', '.join(sorted(set(frame['variant'])))}")
+        raise ValueError(f"baseline {excerpt(baseline)} has no runs; variants: {', '.join(sorted(set(frame['variant'])))}")
 
     usable, failed = _usable(frame, metric, fail_threshold)
     counts = frame[KEYS].assign(failed=failed).groupby(KEYS, sort=False, observed=True)["failed"].sum()
     samples = _samples(frame, usable, metric)
     sizes = frame.loc[usable].groupby(KEYS, sort=False, observed=True)["test_size"].median()
+    precisions = frame.loc[usable].groupby(KEYS, sort=False, observed=True)["precision"].agg(_precision)
 
     rank = {v: i for i, v in enumerate(variant_order or [baseline])}
     cells = sorted(counts.index, key=lambda c: (c[0], c[1], rank.get(c[2], len(rank)), c[2]))
@@ -158,7 +156,8 @@ def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, base
                                **_NO_COMPARISON,
                                "paper": paper(dataset, int(depth), variant) if metric in PAPER_METRICS else None,
                                **_reference(paper, paper_reference, variant, metric),
-                               "seeds": sorted(int(s) for s in x.index), "sequential": None}
+                               "seeds": sorted(int(s) for s in x.index), "sequential": None,
+                               "precision": precisions.get(cell)}
         if variant == baseline:
             row["decision"] = "baseline"
         elif (dataset, depth, baseline) in counts.index:
@@ -227,7 +226,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _frame(results: Any, metric: str) -> pd.DataFrame:
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
+        raise ValueError(f"unknown metric {excerpt(metric)}; choose one of: {', '.join(METRICS)}")
     if isinstance(results, pa.Table):
         frame = results.to_pandas()
     elif isinstance(results, pd.DataFrame):
@@ -251,6 +250,8 @@ def _frame(results: Any, metric: str) -> pd.DataFrame:
     known = out["dataset"].map(TEST_SIZES).to_numpy(dtype=float, na_value=np.nan)
     given = frame["test_size"].to_numpy(dtype=float, na_value=np.nan) if "test_size" in frame.columns else known
     out["test_size"] = np.where(np.isfinite(given), given, known)
+    # The precision each run trained in (bf16 autocast or fp32), when its record says.
+    out["precision"] = frame["precision"] if "precision" in frame.columns else None
     return out
 
 
@@ -284,6 +285,17 @@ _NO_COMPARISON = {"delta": None, "delta_ci_low": None, "delta_ci_high": None, "p
                   "effect_size": None, "p_improve": None, "decision": "undecided", "pairs": None,
                   "unpaired_seeds": [], "pair_pearson": None, "pair_spearman": None, "pair_var_diff": None,
                   "pair_var_sum": None, "pair_efficiency": None}
+
+
+def _precision(values: pd.Series) -> str | None:
+    """A cell's precision: the one its runs share, or "mixed (bf16 ×a, fp32 ×b)" when they differ (a
+    table must say so: results need not be equal across precisions), or None when no record says."""
+    counts = values.dropna().value_counts().sort_index()
+    if counts.empty:
+        return None
+    if len(counts) == 1:
+        return str(counts.index[0])
+    return "mixed (" + ", ".join(f"{p} ×{n}" for p, n in counts.items()) + ")"
 
 
 def _describe(x: pd.Series) -> dict[str, Any]:

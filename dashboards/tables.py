@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ablations.spec import excerpt
+
 from . import DEFAULT_DESIGN
 from .stats import summary
 
@@ -40,7 +42,7 @@ FLAT_SCHEMA = pa.schema([
     ("unpaired_seeds", pa.list_(pa.int64())),
     *[(k, pa.float64()) for k in ("pair_pearson", "pair_spearman", "pair_var_diff", "pair_var_sum", "pair_efficiency")],
     ("look", pa.int64()), ("looks", pa.int64()), ("alpha_spent", pa.float64()), ("n_at_stop", pa.int64()),
-    ("stopped", pa.string()),
+    ("stopped", pa.string()), ("precision", pa.string()),
 ])
 SEQUENTIAL_FIELDS = ("look", "looks", "alpha_spent", "n_at_stop", "stopped")
 LIST_FIELDS = ("seeds", "unpaired_seeds")
@@ -61,7 +63,7 @@ def document(grid: str, metric: str, rows: list[dict[str, Any]], alpha: float = 
 def render(doc: dict[str, Any], fmt: str) -> str | bytes:
     """The document in one of FORMATS; `parquet` gives bytes, every other format text."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+        raise ValueError(f"unknown format {excerpt(fmt)}; choose one of: {', '.join(FORMATS)}")
     return _RENDERERS[fmt](_complete(doc))
 
 
@@ -144,6 +146,11 @@ def _title(doc: dict[str, Any]) -> str:
     notes = ["lower is better"]
     if doc.get("design"):
         notes.append(DESIGN_TEXT[doc["design"]])
+    precisions = {r.get("precision") for r in doc["rows"]} - {None}
+    if any(p.startswith("mixed") for p in precisions):
+        notes.append("†: the cell's runs trained in different precisions (--format json says which)")
+    elif precisions:
+        notes.append(f"trained in {', '.join(sorted(precisions))}")
     plan = doc.get("sequential")
     if plan:
         notes.append(f"decisions of the sequential plan: {len(plan['looks'])} looks up to {plan['looks'][-1]} seeds, "
@@ -181,7 +188,8 @@ def _cells(row: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     decision = row["decision"]
     if row.get("sequential") and row["sequential"]["look"]:
         decision += f" @{row['sequential']['look']}/{row['sequential']['looks']}"
-    return [_setting(row), row["variant"], str(row["n"]), str(row["failed"]), spread, num(row.get("test_se")), ci,
+    variant = row["variant"] + (" †" if (row.get("precision") or "").startswith("mixed") else "")
+    return [_setting(row), variant, str(row["n"]), str(row["failed"]), spread, num(row.get("test_se")), ci,
             delta, p_text, g, improve, decision, paper_text]
 
 

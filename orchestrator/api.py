@@ -6,15 +6,16 @@ unknown grid 404, a question the grid cannot answer 400.
 """
 from __future__ import annotations
 
-import html
 import secrets
-import time
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from ablations.vocabulary import METRICS
 from dashboards import DEFAULT_DESIGN, DESIGNS
+from dashboards.pages import render_index
 
 from .grids import GridError, GridSpec, expand_grid, parse_grid_text
 from .results import METRICS, BadRequest, NotFound, comparison, grid_status, seed_plan
@@ -69,6 +70,11 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise HTTPException(400, "the body is not UTF-8 text") from None
+        # Reading, expanding and recording a grid take up to seconds for a large one: on a worker thread,
+        # so that the event loop goes on answering every other request meanwhile.
+        return await run_in_threadpool(accept, text)
+
+    def accept(text: str) -> dict[str, Any]:
         spec = parse_grid_text(text)
         trials = len(expand_grid(spec, tuned=store.tuned_recipes()))
         return {"id": service.submit(spec), "trials": trials}
@@ -109,7 +115,7 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
 
     @app.get("/", dependencies=auth, response_class=HTMLResponse)
     def index() -> HTMLResponse:
-        return HTMLResponse(index_page([grid_status(store, row.id) for row in store.grids()]))
+        return HTMLResponse(render_index([grid_status(store, row.id) for row in store.grids()]))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -125,18 +131,3 @@ def create_app(service: GridService, token: str | None = None, mlflow_url: str |
 
     app.openapi = openapi
     return app
-
-
-def index_page(grids: list[dict[str, Any]]) -> str:
-    """The grid list, refreshed every 5 s, each grid linking to its report."""
-    rows = "".join(
-        f"<tr><td><a href='/grids/{html.escape(g['grid'])}/report'>{html.escape(g['grid'])}</a></td>"
-        + "".join(f"<td class='{s}'>{g[s]}</td>" for s in ("queued", "running", "finished", "diverged", "error",
-                                                           "cancelled"))
-        + "</tr>" for g in grids)
-    return f"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
-<title>Ablate</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}</style></head>
-<body><h1>Ablate grids</h1><p>updated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>
-<table id="grids"><tr><th>grid</th><th>queued</th><th>running</th><th>finished</th><th>diverged</th><th>error</th>
-<th>cancelled</th></tr>{rows}</table></body></html>"""

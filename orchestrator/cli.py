@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ablations.spec import BLOCKS, DATASET_SHAPES, SHORTCUTS, UNITS, VARIANTS
+from ablations.spec import BLOCKS, SHORTCUTS, UNITS, VARIANTS, excerpt
+from ablations.vocabulary import DATASET_SHAPES, MEASURED, METRICS
 from dashboards import DEFAULT_DESIGN, DESIGNS
 
 
@@ -135,12 +137,18 @@ def recipe_overrides(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> Any:
+    from ablations.vocabulary import check_data_dir
+    if args.iterations is not None and args.iterations < 1:
+        raise UsageError(f"--iterations must be positive, got {args.iterations}")
+    if args.data_dir is not None:
+        try:
+            check_data_dir(args.data_dir)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     from workers.checkpoint import CheckpointError
     from workers.launch import LaunchError, run_workers
     from workers.sinks import JsonLinesSink
     from workers.trainer import run_trial, trial_config
-    if args.iterations is not None and args.iterations < 1:
-        raise UsageError(f"--iterations must be positive, got {args.iterations}")
     if args.workers < 1:
         raise UsageError(f"--workers must be positive, got {args.workers}")
     fields = {k: v for k, v in model_fields(args).items() if k not in ("in_channels", "num_classes", "plan")}
@@ -149,10 +157,10 @@ def cmd_train(args: argparse.Namespace) -> Any:
     try:
         if args.workers > 1:
             result = run_workers(config, checkpoint_dir=args.checkpoint_dir, threads=args.threads, device=args.device,
-                                 log=True)
+                                 data_dir=args.data_dir, log=True)
         else:
             result = run_trial(config, checkpoint_dir=args.checkpoint_dir, sink=JsonLinesSink(sys.stderr),
-                               threads=args.threads, device=args.device)
+                               threads=args.threads, device=args.device, data_dir=args.data_dir)
     except (CheckpointError, LaunchError) as exc:
         raise UsageError(str(exc)) from None
     return {k: v for k, v in result.items() if k != "history"}
@@ -166,7 +174,7 @@ def _store():
 def _find_grid(store, ref: str):
     row = store.find_grid(ref)
     if row is None:
-        raise UsageError(f"no grid {ref!r} in {store.url}; `ablate status` lists the grids")
+        raise UsageError(f"no grid {excerpt(ref)} in {store.url}; `ablate status` lists the grids")
     return row
 
 
@@ -201,8 +209,8 @@ def cmd_run(args: argparse.Namespace) -> Any:
         print(f"interrupted: the grid stays resumable; run `ablate run {args.grid}` again", file=sys.stderr)
         raise SystemExit(130) from exc
     out["comparison"] = comparison(store, out["grid"])
-    print(f"MLflow: {ui_command(out['tracking_uri'])}", file=sys.stderr)
-    ended_well = out["counts"]["finished"] + out["counts"]["diverged"] == out["trials"]
+    print(f"MLflow: {ui_command(out['tracking_uri'], out.get('mlflow_experiment_id'))}", file=sys.stderr)
+    ended_well = sum(out["counts"][s] for s in MEASURED) == out["trials"]
     out["exit_code"] = 0 if ended_well else 1
     return out
 
@@ -248,9 +256,19 @@ def cmd_submit(args: argparse.Namespace) -> Any:
                 "application/json")
 
 
+def checked_mlflow_url(args: argparse.Namespace) -> str | None:
+    """--mlflow-url, checked before any work: pages link to runs under it."""
+    from dashboards.pages import check_link_base
+    try:
+        return None if args.mlflow_url is None else check_link_base(args.mlflow_url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> Any:
     import ipaddress
     import os
+    checked_mlflow_url(args)
     import uvicorn
     from .api import create_app
     from .service import GridService
@@ -258,7 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> Any:
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     except ValueError:
-        raise UsageError(f"--host must be an IP address or localhost, got {args.host!r}") from None
+        raise UsageError(f"--host must be an IP address or localhost, got {excerpt(args.host)}") from None
     if not loopback and token is None:
         raise UsageError(f"refusing to serve on {args.host} without ABLATE_TOKEN: anyone on the network could "
                          f"submit work; set ABLATE_TOKEN (clients send it as a bearer token)")
@@ -279,7 +297,7 @@ def cmd_status(args: argparse.Namespace) -> Any:
         return http(args, "GET", f"/grids/{_quote(args.grid)}") if args.grid else {"grids": http(args, "GET", "/grids")}
     store = _store()
     if args.grid is None:
-        return {"grids": [{"id": g.id, "name": g.name, "cancelled": g.cancelled, **store.counts(g.id)}
+        return {"grids": [{"id": g.id, "name": g.name, "grid_cancelled": g.cancelled, **store.counts(g.id)}
                           for g in store.grids()]}
     from .results import grid_status
     return grid_status(store, _find_grid(store, args.grid).id)
@@ -317,7 +335,7 @@ def cmd_compare(args: argparse.Namespace) -> Any:
     result). `--json` without `-o` prints the document whatever the format, as every command's `--json`."""
     from dashboards.tables import FORMATS, render, write
     if args.format not in FORMATS:
-        raise UsageError(f"unknown format {args.format!r}; choose one of: {', '.join(FORMATS)}")
+        raise UsageError(f"unknown format {excerpt(args.format)}; choose one of: {', '.join(FORMATS)}")
     if args.format == "parquet" and not args.output and (args.json or sys.stdout.isatty()):
         raise UsageError("--format parquet needs -o FILE (or standard output redirected, without --json)")
     if args.server:
@@ -352,10 +370,11 @@ def cmd_plan(args: argparse.Namespace) -> Any:
 
 def cmd_report(args: argparse.Namespace) -> Any:
     from .reporting import grid_report
+    mlflow_url = checked_mlflow_url(args)
     store = _store()
     row = _find_grid(store, args.grid)
     target = Path(args.output or f"{row.id}.html")
-    target.write_text(grid_report(store, row.id, args.mlflow_url))
+    target.write_text(grid_report(store, row.id, mlflow_url))
     return {"grid": row.id, "written": str(target)}
 
 
@@ -490,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="train for K iterations, the schedule rescaled to fit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from the newest")
+    p.add_argument("--data-dir", help="datasets root, an absolute path as a grid's data_dir (default $ABLATE_DATA_DIR)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores; per worker: the cores shared out)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present; cuda with --workers: one "
                    "GPU per worker)")
@@ -531,8 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="a tuning spec file (YAML or JSON); see README 'Tuning recipes'")
     p = command("compare", "the comparison table of a grid")
     p.add_argument("grid")
-    p.add_argument("--metric", default="test_error",
-                   help="test_error (top-1 %%), test_error_top5, train_loss or train_error")
+    p.add_argument("--metric", default="test_error", choices=METRICS)
     p.add_argument("--baseline", help="variant to compare against (default: the grid's baseline)")
     p.add_argument("--format", default="table", help="table, markdown, csv, json, latex, parquet")
     p.add_argument("--design", choices=DESIGNS, default=DEFAULT_DESIGN,
@@ -552,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A shell starts a script's background jobs with SIGINT ignored, and Python keeps it so: Ctrl-C or
+    # `kill -INT`, the way to stop a grid or a study and hand its trials back, would then do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         # Libraries print to standard output (MLflow announces every run it ends): while a command
         # runs, that goes to standard error, so with --json standard output holds one JSON document.

@@ -9,7 +9,8 @@ the state row and the MLflow sync stay the scheduler's, as for every trial.
 Every rank runs the one training loop (workers/trainer.py, `run_trials(..., distributed=True)`): DDP wraps
 the model, and each rank's batch source yields its shard of the global batch (workers/sources.py). Rank 0
 writes the checkpoints, in the solo format, and the result record into the trial's checkpoint folder, and
-logs live to the trial's MLflow child run through the same `MlflowSink`; the other ranks log nowhere.
+logs live to the trial's MLflow child run through the same sink as a one-worker trial (tracking.live_sink);
+the other ranks log nowhere.
 
 Failures: Ray Train restarts nothing here (`FailureConfig(max_failures=0)`). A killed rank or node fails
 the job, this task raises, and the scheduler's own retry submits the trial again, which resumes from rank
@@ -24,7 +25,7 @@ from typing import Any
 
 from workers.sinks import NullSink
 
-from .tracking import MlflowSink
+from .tracking import dataset_inputs, live_sink
 
 
 def execute_distributed(task: dict[str, Any]) -> dict[str, Any]:
@@ -49,6 +50,7 @@ def execute_distributed(task: dict[str, Any]) -> dict[str, Any]:
     result = stored_result(folder, config.model_dump(mode="json"))
     if result is None:
         raise RuntimeError(f"the Ray Train job ended without a result in {folder}")
+    result["inputs"] = dataset_inputs(config, task.get("data_dir"))
     return result
 
 
@@ -59,9 +61,10 @@ def _train_rank(task: dict[str, Any]) -> None:
     from workers.config import TrialConfig
     from workers.trainer import run_trials
 
-    rank = ray.train.get_context().get_world_rank()
-    sink = MlflowSink(task["tracking_uri"], task["run_id"]) if rank == 0 and task.get("run_id") else NullSink()
+    config = TrialConfig.model_validate_json(task["config"])
+    sink = None
+    if ray.train.get_context().get_world_rank() == 0:
+        sink = live_sink(task, dataset_inputs(config, task.get("data_dir")))
     device = ray.train.torch.get_device() if task["resources"]["gpu"] > 0 else "cpu"
-    run_trials([TrialConfig.model_validate_json(task["config"])], checkpoint_dirs=[task["checkpoint_dir"]],
-               sinks=[sink], threads=task["threads"], device=device, data_dir=task.get("data_dir"),
-               time_limit_s=task.get("timeout_s"), distributed=True)
+    run_trials([config], checkpoint_dirs=[task["checkpoint_dir"]], sinks=[sink or NullSink()], threads=task["threads"],
+               device=device, data_dir=task.get("data_dir"), time_limit_s=task.get("timeout_s"), distributed=True)

@@ -15,8 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ablations.paper import GRIDS
-from ablations.spec import (DATASET_SHAPES, MODEL_FIELDS, VARIANTS, SpecError, dataset_model_fields, load_yaml,
+from ablations.spec import (MODEL_FIELDS, CatalogueVariant, SpecError, dataset_model_fields, excerpt, load_yaml,
                             make_spec, omit_at_defaults, raise_one_line, validate_mapping, variant_fields)
+from ablations.vocabulary import DATASET_SHAPES, DataDir, DatasetName
 
 NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
 DEFAULT_MAX_TRIALS = 5000
@@ -74,12 +75,12 @@ class GridSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
-    dataset: str | list[str]
+    dataset: DatasetName | list[DatasetName]
     subset: int | None = Field(None, ge=1)
-    data_dir: str | None = Field(None, description="datasets root on every node; not part of trial identity")
+    data_dir: DataDir | None = Field(None, description="datasets root on every node; not part of trial identity")
     recipe: str | dict[str, Any] = "mini-cpu"
     depths: list[int] = Field(min_length=1)
-    variants: list[str | VariantSpec] = Field(min_length=1)
+    variants: list[CatalogueVariant | VariantSpec] = Field(min_length=1)
     seeds: int | list[int]
     baseline: str | None = None
     resources: Resources = Resources()
@@ -90,6 +91,9 @@ class GridSpec(BaseModel):
     paper_setting: tuple[Literal["cifar10", "cifar100"], int] | None = Field(
         None, description="[dataset, depth] of the paper's table this grid stands in for: its figures are shown "
         "beside the grid's own, labelled with that setting")
+    precision: Literal["auto", "fp32", "bf16"] | None = Field(
+        None, description="every variant's recipe precision (auto: bf16 where the device makes it faster); "
+        "unset: each recipe's own")
     fuse_seeds: int = Field(1, ge=1, le=64, description="train up to this many seeds of a cell as one fused "
                             "network in one task (same results per seed within float tolerance)")
 
@@ -99,21 +103,8 @@ class GridSpec(BaseModel):
         names = [value] if isinstance(value, str) else value
         if not names:
             raise ValueError("at least one dataset")
-        for d in names:
-            if d not in DATASET_SHAPES:
-                raise ValueError(f"unknown dataset {d!r}; choose one of: {', '.join(DATASET_SHAPES)}")
         if len(set(names)) != len(names):
             raise ValueError("datasets repeat")
-        return value
-
-    @field_validator("data_dir")
-    @classmethod
-    def _data_dir(cls, value):
-        if value is None:
-            return value
-        path = Path(value)
-        if not path.is_absolute() or ".." in path.parts or "\x00" in value:
-            raise ValueError("data_dir must be an absolute path without '..' (every node resolves it alike)")
         return value
 
     @field_validator("paper_setting")
@@ -122,14 +113,14 @@ class GridSpec(BaseModel):
         from ablations.paper import PAPER_RESULTS
         if value is not None and not any(key[:2] == tuple(value) for key in PAPER_RESULTS):
             settings = sorted({f"[{d}, {n}]" for d, n, _ in PAPER_RESULTS})
-            raise ValueError(f"the paper has no figures for {list(value)}; it has: {', '.join(settings)}")
+            raise ValueError(f"the paper has no figures for {excerpt(list(value))}; it has: {', '.join(settings)}")
         return value
 
     @field_validator("depths")
     @classmethod
     def _depths(cls, value):
         if len(set(value)) != len(value):
-            raise ValueError(f"depths repeat: {value}")
+            raise ValueError(f"depths repeat: {excerpt(value)}")
         return value
 
     @field_validator("seeds")
@@ -137,16 +128,16 @@ class GridSpec(BaseModel):
     def _seeds(cls, value):
         if isinstance(value, int):
             if value < 1:
-                raise ValueError(f"seeds must be a positive count or a list, got {value}")
+                raise ValueError(f"seeds must be a positive count or a list, got {excerpt(value)}")
             if value > 10_000:
-                raise ValueError(f"seeds count {value} is over 10000")
+                raise ValueError(f"seeds count {excerpt(value)} is over 10000")
         else:
             if not value:
                 raise ValueError("seeds list is empty")
             if any(s < 0 or s > 2**31 - 1 for s in value):
                 raise ValueError("each seed must lie in 0..2^31-1")
             if len(set(value)) != len(value):
-                raise ValueError(f"seeds repeat: {value}")
+                raise ValueError(f"seeds repeat: {excerpt(value)}")
         return value
 
     @model_validator(mode="after")
@@ -155,12 +146,8 @@ class GridSpec(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variant names repeat: {', '.join(dup)}")
-        unknown = [n for n in self.variants if isinstance(n, str) and n not in VARIANTS]
-        if unknown:
-            raise ValueError(f"unknown variant {unknown[0]!r}; catalogue: {', '.join(VARIANTS)} "
-                             f"(or write a mapping with name and model fields)")
         if self.baseline is not None and self.baseline not in names:
-            raise ValueError(f"baseline {self.baseline!r} is not one of the variants: {', '.join(names)}")
+            raise ValueError(f"baseline {excerpt(self.baseline)} is not one of the variants: {', '.join(names)}")
         if self.fuse_seeds > 1 and self.resources.workers > 1:
             # Fusion fills one device with several small trials; several workers split one large trial.
             raise ValueError("fuse_seeds and resources.workers above 1 exclude each other: fusing fills one "
@@ -245,8 +232,8 @@ def load_grid(source: str | os.PathLike | dict) -> GridSpec:
     path = Path(text)
     if "\n" not in text and not path.exists():
         if text.endswith((".yaml", ".yml", ".json")) or os.sep in text:
-            raise GridError(f"grid file {text} does not exist")
-        raise GridError(f"{text!r} is neither a grid file nor a bundled grid ({', '.join(GRIDS)})")
+            raise GridError(f"grid file {excerpt(text)} does not exist")
+        raise GridError(f"{excerpt(text)} is neither a grid file nor a bundled grid ({', '.join(GRIDS)})")
     if "\n" not in text:
         try:
             text = path.read_text()
@@ -277,7 +264,8 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
     for dataset in spec.datasets:
         for name, recipe in spec.variant_recipes().items():
             try:
-                recipes[dataset, name] = resolve_recipe(recipe, tuned=tuned,
+                recipes[dataset, name] = resolve_recipe(recipe, {"precision": spec.precision} if spec.precision
+                                                        else None, tuned=tuned,
                                                         train_size=training_size(dataset, spec.subset))
             except RecipeError as exc:
                 raise GridError(f"recipe: {exc}" if recipe is spec.recipe else f"variants.{name}.recipe: {exc}") from None
@@ -291,7 +279,7 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
             for name, fields in variants.items():
                 unknown = set(fields) - set(MODEL_FIELDS)
                 if unknown:
-                    raise GridError(f"variants.{name}: unknown model field {sorted(unknown)[0]!r}")
+                    raise GridError(f"variants.{name}: unknown model field {excerpt(sorted(unknown)[0])}")
                 try:
                     model = make_spec(**{**shared, **fields, "depth": depth, **dataset_model_fields(dataset)})
                 except SpecError as exc:

@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ablations.spec import excerpt
+from ablations.vocabulary import METRICS
 from dashboards import DEFAULT_DESIGN, DESIGNS
 
 from .grids import GridSpec, parse_grid
 from .state import BaseStateStore
-
-# test_error is the top-1 error; test_error_top5 is reported on ImageNet-style datasets only.
-METRICS = ("test_error", "test_error_top5", "train_loss", "train_error")
 
 
 class NotFound(LookupError):
@@ -24,14 +23,14 @@ class BadRequest(ValueError):
 def grid_spec(store: BaseStateStore, grid_id: str) -> GridSpec:
     row = store.grid(grid_id)
     if row is None:
-        raise NotFound(f"no grid {grid_id!r}")
+        raise NotFound(f"no grid {excerpt(grid_id)}")
     return parse_grid(json.loads(row.spec))
 
 
 def _baseline(spec: GridSpec, baseline: str | None) -> str:
     base = baseline or spec.baseline_name
     if base not in spec.variant_names():
-        raise BadRequest(f"baseline {base!r} is not a variant of this grid: {', '.join(spec.variant_names())}")
+        raise BadRequest(f"baseline {excerpt(base)} is not a variant of this grid: {', '.join(spec.variant_names())}")
     return base
 
 
@@ -47,9 +46,9 @@ def comparison(store: BaseStateStore, grid_id: str, metric: str = "test_error", 
     from dashboards.tables import document
     spec = grid_spec(store, grid_id)
     if metric not in METRICS:
-        raise BadRequest(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
+        raise BadRequest(f"unknown metric {excerpt(metric)}; choose one of: {', '.join(METRICS)}")
     if design not in DESIGNS:
-        raise BadRequest(f"unknown design {design!r}; choose one of: {', '.join(DESIGNS)}")
+        raise BadRequest(f"unknown design {excerpt(design)}; choose one of: {', '.join(DESIGNS)}")
     base = _baseline(spec, baseline)
     plan = store.sequential_plan(grid_id)
     if plan is not None and (plan["metric"], plan["baseline"]) != (metric, base):
@@ -81,5 +80,5 @@ def seed_plan(store: BaseStateStore, grid_id: str, delta: float, power: float = 
 def grid_status(store: BaseStateStore, grid_id: str) -> dict[str, Any]:
     row = store.grid(grid_id)
     if row is None:
-        raise NotFound(f"no grid {grid_id!r}")
-    return {"grid": row.id, "name": row.name, "cancelled": row.cancelled, **store.counts(row.id)}
+        raise NotFound(f"no grid {excerpt(grid_id)}")
+    return {"grid": row.id, "name": row.name, "grid_cancelled": row.cancelled, **store.counts(row.id)}

@@ -13,6 +13,7 @@ trial whose driver died is taken over once its heartbeat is stale and resumes fr
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -22,19 +23,25 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+from ablations.vocabulary import ACTIVE, ENDED, MEASURED
 from workers.sinks import NullSink
 
 from .cluster import ensure_ray
 from .distributed import execute_distributed
-from .grids import GridSpec, GridTrial, expand_grid
-from .state import DONE, STALE_AFTER_S, StateStore, ablate_home
-from .tracking import MlflowSink, Tracker
+from .grids import GridError, GridSpec, GridTrial, expand_grid
+from .state import STALE_AFTER_S, StateStore, ablate_home
+from .tracking import SYSTEM_METRICS_EVERY_S, Tracker, dataset_inputs, live_sink
 
 HEARTBEAT_EVERY_S = STALE_AFTER_S / 4
+CANCEL_CHECK_S = 1.0  # how often the loop asks the store whether the grid was cancelled
 QUEUE_SLACK_S = 600.0
 POLL_S = 0.2
-RUN_WAIT_S = 2.0  # how long a submission waits for its MLflow child run before going without live metrics
 LIVE_KEY = "_mlflow_live_run"  # set by a trial whose sink delivered every metric; never stored
+PARENT_EVERY_S = 10.0  # the parent run's progress and ETA are refreshed this often while the grid runs
+# ... and its comparison (table, cell metrics, report: a second or two of the driver's CPU) at most this
+# often, when trials ended since; always at the end.
+COMPARISON_EVERY_S = 30.0
+_PARENT_LOCK = threading.Lock()  # one parent run per grid name among this process's runners (the service)
 
 
 def checkpoint_root() -> Path:
@@ -42,24 +49,27 @@ def checkpoint_root() -> Path:
 
 
 def execute_trial(task: dict[str, Any]) -> dict[str, Any]:
-    """The Ray task body: one trial, metrics streamed to its MLflow child run when there is one."""
+    """The Ray task body: one trial, streamed live to its MLflow child run when there is one."""
     return execute_group([task])[0]
 
 
 def execute_group(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The Ray task body: the seeds of one cell (one, or a `fuse_seeds` group) trained by the one loop
-    (workers/trainer.py); checkpoints, results and MLflow runs stay per seed."""
+    (workers/trainer.py); checkpoints, results and MLflow runs stay per seed. The dataset inputs go into
+    each result too: the record the driver syncs the run from."""
     from workers.trainer import TrialConfig, run_trials
-    sinks = [MlflowSink(t["tracking_uri"], t["run_id"]) if t.get("run_id") else None for t in tasks]
+    configs = [TrialConfig.model_validate_json(t["config"]) for t in tasks]
     first = tasks[0]
-    results = run_trials([TrialConfig.model_validate_json(t["config"]) for t in tasks],
-                         checkpoint_dirs=[t["checkpoint_dir"] for t in tasks],
+    inputs = dataset_inputs(configs[0], first.get("data_dir"))  # the seeds of a cell share their data
+    sinks = [live_sink(t, inputs) for t in tasks]
+    results = run_trials(configs, checkpoint_dirs=[t["checkpoint_dir"] for t in tasks],
                          sinks=[s or NullSink() for s in sinks], threads=first["threads"], device=first["device"],
                          data_dir=first.get("data_dir"), time_limit_s=first.get("timeout_s"))
-    for task, sink, result in zip(tasks, sinks, results):
+    for sink, result in zip(sinks, results):
+        result["inputs"] = inputs
         if sink is not None and sink.delivered(result):
             # The live run already holds the whole history: the driver's sync need not read it back.
-            result[LIVE_KEY] = task["run_id"]
+            result[LIVE_KEY] = sink.run_id
     return results
 
 
@@ -77,54 +87,116 @@ class GridRunner:
         self.data_dir = data_dir
         self.share = share  # how many grids share the cluster now: each gets that fraction of the slots
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        # Syncing ended trials to MLflow happens off the scheduling loop, one call at a time.
+        # Every MLflow call of the driver happens off the scheduling loop, on this thread, one at a time.
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-sync")
-        self._parent_lock = threading.Lock()
+        # Trials sample system metrics at the driver's MLflow setting, wherever their workers started.
+        self.system_metrics_s = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+                                      or SYSTEM_METRICS_EVERY_S)
         self._prepared: dict[str, Future] = {}
         self._orphans: dict[str, str] = {}  # trial key → a child run a killed driver created but never saved
+        self._children: set[str] = set()  # run ids under this grid's parent run (the rest were reused)
+        self._children_known = False  # `_children` read from MLflow for this run
+        self._shown_state: str | None = None  # the parent's state when this run began, if it showed this grid
+        self._ended_at_open: dict[str, int] = {}
+        self._parent_next, self._parent_job = 0.0, None  # the next parent refresh, the last one queued
+        self._compared: tuple[float, dict | None] = (float("-inf"), None)  # when, at which ended counts
+        self._eta_origin = (time.time(), 0)  # this run's start and the trials ended by then
 
     # ------------------------------------------------------------------------------------------ mlflow
     def _parent_run(self, spec: GridSpec, grid_id: str) -> str | None:
-        with self._parent_lock:
-            return self._parent_run_locked(spec, grid_id)
+        """The parent run of the grid's name, which every grid of that name shares; made on first need."""
+        with _PARENT_LOCK:
+            parent = self.store.grid_run(grid_id)
+            if parent is not None:
+                return parent
+            try:
+                parent = self.tracker.start_grid(spec.name, grid_id)
+            except Exception as exc:
+                print(f"ablate: MLflow unreachable ({_first_line(exc)}); runs will be logged later", file=sys.stderr)
+                return None
+            self.store.set_grid_run(grid_id, parent)
+            return parent
 
-    def _parent_run_locked(self, spec: GridSpec, grid_id: str) -> str | None:
-        row = self.store.grid(grid_id)
-        if row.mlflow_run_id:
-            return row.mlflow_run_id
+    def _open_parent(self, spec: GridSpec, grid_id: str, reused: int) -> None:
+        """Start of a run: this runner's MLflow bookkeeping reset, and as the first MLflow job the parent
+        reopened, its child runs known and its progress shown."""
+        now = time.time()
+        self._orphans, self._children, self._children_known, self._shown_state = {}, set(), False, None
+        self._ended_at_open = _ended(self.store.counts(grid_id))
+        # The first comparison after COMPARISON_EVERY_S: the first child runs are made before it.
+        self._compared, self._eta_origin, self._parent_next = (now, None), (now, reused), now + PARENT_EVERY_S
+
+        def job() -> None:
+            if self._know_children(spec, grid_id):
+                self._refresh_parent(spec, grid_id)
+        self._parent_job = self._syncer.submit(job)
+
+    def _know_children(self, spec: GridSpec, grid_id: str) -> bool:
+        """The parent running again and its child runs known (those a killed driver created but never saved
+        are adopted, not made twice); False while MLflow is unreachable."""
+        parent = self._parent_run(spec, grid_id)
+        if parent is None:
+            return False
         try:
-            run_id = self.tracker.start_grid(spec.name, grid_id, spec.model_dump(mode="json", by_alias=True))
-        except Exception as exc:
-            print(f"ablate: MLflow unreachable ({_first_line(exc)}); runs will be logged later", file=sys.stderr)
-            return None
-        self.store.set_grid_run(grid_id, run_id)
-        return run_id
+            before = self.tracker.reopen_grid(parent)
+            children = self.tracker.child_runs(spec.name, parent)
+        except Exception:
+            return False
+        if before.get("ablate.grid") == grid_id:
+            self._shown_state = before.get("ablate.state")
+        held = {t["mlflow_run_id"] for t in self.store.grid_trials(grid_id)}
+        self._children |= set(children.values())
+        self._orphans = {key: run for key, run in children.items() if run not in held}
+        self._children_known = True
+        return True
 
     def _child_run(self, spec: GridSpec, grid_id: str, trial: dict[str, Any]) -> str | None:
+        """The trial's child run; made under this grid's parent when the trial has none yet."""
         if trial.get("mlflow_run_id"):
             return trial["mlflow_run_id"]
         parent = self._parent_run(spec, grid_id)
         if parent is None:
             return None
-        import json
         try:
             # A driver killed between creating a run and saving its id left it behind: adopt it.
-            run_id = self._orphans.pop(trial["key"], None) or self.tracker.start_trial(
+            made = self._orphans.pop(trial["key"], None) or self.tracker.start_trial(
                 spec.name, grid_id, parent, trial, json.loads(trial["config"]))
         except Exception:
             return None
-        self.store.set_trial_run(grid_id, trial["key"], run_id=run_id)
+        run_id = self.store.set_trial_run(trial["key"], made)
+        if run_id == made:
+            self._children.add(run_id)
+        else:  # another grid's driver gave the trial its run meanwhile: link to that one
+            try:
+                self.tracker.discard(made)
+            except Exception:
+                pass  # left as a stray run; nothing refers to it
         trial["mlflow_run_id"] = run_id
         return run_id
 
     def _prepare_run(self, spec: GridSpec, grid_id: str, key: str) -> Future:
-        """Create a trial's child run on the MLflow thread ahead of its submission (idempotent)."""
+        """Ready a trial's child run on the MLflow thread ahead of its submission (idempotent): made SCHEDULED,
+        or, held from an earlier attempt, SCHEDULED again."""
         if key not in self._prepared:
-            def create() -> str | None:
+            def prepare() -> str | None:
                 trials = self.store.grid_trials(grid_id, {key})
-                return self._child_run(spec, grid_id, trials[0]) if trials else None
-            self._prepared[key] = self._syncer.submit(create)
+                if not trials:
+                    return None
+                if trials[0]["mlflow_run_id"]:
+                    try:
+                        self.tracker.schedule(trials[0]["mlflow_run_id"])
+                    except Exception:
+                        pass  # its worker sets it running all the same
+                return self._child_run(spec, grid_id, trials[0])
+            self._prepared[key] = self._syncer.submit(prepare)
         return self._prepared[key]
+
+    def _run_for_task(self, spec: GridSpec, grid_id: str, key: str) -> dict[str, Any]:
+        """What a trial's task needs to stream to its child run, without waiting on MLflow: the run when it is
+        ready, else where its worker's sink finds it once the MLflow thread has made it."""
+        ready = self._prepare_run(spec, grid_id, key)
+        return {"tracking_uri": self.tracker.uri, "experiment": spec.name, "key": key,
+                "run_id": ready.result() if ready.done() else None, "system_metrics_s": self.system_metrics_s}
 
     def sync_mlflow(self, spec: GridSpec, grid_id: str, keys: set[str] | None = None,
                     live: dict[str, str] | None = None) -> int:
@@ -134,7 +206,7 @@ class GridRunner:
         """
         pending = 0
         for trial in self.store.grid_trials(grid_id, keys):
-            if trial["mlflow_synced"] or trial["status"] not in (*DONE, "error"):
+            if trial["mlflow_synced"] or trial["status"] not in ENDED:
                 continue
             run_id = self._child_run(spec, grid_id, trial)
             try:
@@ -142,11 +214,68 @@ class GridRunner:
                     raise ConnectionError("no run")
                 result = trial["result"] or {"history": []}
                 self.tracker.sync(run_id, result, trial["status"], str(checkpoint_root() / trial["key"]),
-                                  delivered=(live or {}).get(trial["key"]) == run_id)
-                self.store.set_trial_run(grid_id, trial["key"], synced=True)
+                                  delivered=(live or {}).get(trial["key"]) == run_id,
+                                  iterations=json.loads(trial["config"])["recipe"]["iterations"])
+                self.store.set_trial_synced(trial["key"])
             except Exception:
                 pending += 1
         return pending
+
+    def _eta(self, counts: dict[str, int]) -> float | None:
+        """Seconds until the grid ends at this run's pace so far (None before its first trial ended)."""
+        started, ended_then = self._eta_origin
+        ended = sum(_ended(counts).values())
+        left = counts["queued"] + counts["running"]
+        if not left:
+            return 0.0
+        return left * (time.time() - started) / (ended - ended_then) if ended > ended_then else None
+
+    def _refresh_parent(self, spec: GridSpec, grid_id: str, full: bool | None = None,
+                        state: str | None = None) -> bool:
+        """Bring the parent run up to the grid (on the MLflow thread): progress and ETA each time; the
+        comparison, its tables and the report when `full`, by default when trials ended since it was last
+        logged (at most every COMPARISON_EVERY_S). False when MLflow did not take it."""
+        from . import parent_view
+        if not self._children_known and not self._know_children(spec, grid_id):
+            return False
+        parent = self._parent_run(spec, grid_id)
+        now, counts = time.time(), self.store.counts(grid_id)
+        ended = _ended(counts)
+        if full is None:
+            full = ended != self._compared[1] and now - self._compared[0] >= COMPARISON_EVERY_S
+        try:
+            view = parent_view.build(self.store, spec, grid_id, parent, children=self._children,
+                                     eta_s=self._eta(counts), full=full, state=state, mlflow_url=self.tracker.ui_base)
+            self.tracker.update_grid(parent, view)
+        except Exception:
+            return False
+        if full:
+            self._compared = (now, ended)
+        return True
+
+    def _tick_parent(self, spec: GridSpec, grid_id: str, now: float) -> None:
+        """From the scheduling loop: queue a parent refresh every PARENT_EVERY_S, unless the last one still
+        waits (a slow server never piles them up)."""
+        if now >= self._parent_next and (self._parent_job is None or self._parent_job.done()):
+            self._parent_next = now + PARENT_EVERY_S
+            self._parent_job = self._syncer.submit(self._refresh_parent, spec, grid_id)
+
+    def _end_parent(self, spec: GridSpec, grid_id: str, counts: dict[str, int], terminate: bool) -> bool:
+        """The run's last word on the parent: the final comparison and report, then terminated unless runs are
+        unsynced. A run that ended no trial, on a parent that showed this grid ended already, only restores its
+        state: running a finished grid again stays quick."""
+        if _ended(counts) == self._ended_at_open and self._shown_state in ("finished", "decided"):
+            shown = self._refresh_parent(spec, grid_id, full=False, state=self._shown_state)
+        else:
+            shown = self._refresh_parent(spec, grid_id, full=True)
+        if not shown:
+            return False
+        if terminate:
+            try:
+                self.tracker.end_grid(self.store.grid_run(grid_id), counts)
+            except Exception:
+                return False
+        return True
 
     # -------------------------------------------------------------------------------------------- run
     def submit(self, spec: GridSpec, extra: list[GridTrial] = ()) -> str:
@@ -162,165 +291,227 @@ class GridRunner:
 
     def run(self, spec: GridSpec, sync_timeout_s: float = 60.0, extra: list[GridTrial] = ()) -> dict[str, Any]:
         """Run the grid, plus `extra` trials added to it (more seeds for some cells), to completion."""
-        import ray
-
         grid_id = self.submit(spec, extra)
         rows = {t["key"]: t for t in self.store.grid_trials(grid_id)}
-        before = {k: t["status"] for k, t in rows.items()}
-        reused = sum(1 for s in before.values() if s in DONE)
-        parent = self.store.grid(grid_id).mlflow_run_id
-        self._orphans = {}
-        if parent is None:
-            self._syncer.submit(self._parent_run, spec, grid_id)  # on the MLflow thread, as the first job
-        elif any(not t["mlflow_run_id"] for t in rows.values()):
-            try:
-                known = {t["mlflow_run_id"] for t in rows.values()}
-                self._orphans = {k: r for k, r in self.tracker.child_runs(spec.name, parent).items() if r not in known}
-            except Exception:
-                pass  # MLflow unreachable: nothing to adopt now
-
-        ensure_ray()
-        cpu, gpu, workers = spec.resources.cpu, spec.resources.gpu, spec.resources.workers
-        options = dict(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_retries, retry_exceptions=False)
-        remote = ray.remote(self.trial_fn).options(**options)
-        if workers > 1:  # the job's ranks hold the resources; the task that starts it holds none
-            remote = ray.remote(execute_distributed).options(**{**options, "num_cpus": 0, "num_gpus": 0})
-        remote_group = ray.remote(self.group_fn).options(**options) if spec.fuse_seeds > 1 else None
-        total = ray.cluster_resources()
-        slots = max(1, int(min(total.get("CPU", 1) / (cpu * workers),
-                               total.get("GPU", 0) / (gpu * workers) if gpu else float("inf"))))
-
-        todo = [k for k, s in before.items() if s not in DONE]
-        inflight: dict[Any, tuple[list[str], float]] = {}  # one Ray task: its trials (a fused group), when
-        executed = interrupted = cancelled = 0
-        last_beat = last_cancel_check = time.time()
-        waiting_on_others: set[str] = set()
-        display = _Progress(len(before), reused, enabled=self.progress)
+        reused = sum(1 for t in rows.values() if t["status"] in MEASURED)
         self._prepared.clear()
+        self._open_parent(spec, grid_id, reused)
+        ensure_ray()
+        grid = _GridPass(self, spec, grid_id, rows)
+        beat, cancel_check = _Every(HEARTBEAT_EVERY_S), _Every(CANCEL_CHECK_S)
+        display = _Progress(len(rows), reused, enabled=self.progress, counts=lambda: self.store.counts(grid_id))
+        interrupted = False
         try:
-            while todo or inflight or waiting_on_others:
-                depth = max(1, 2 * slots // max(1, self.share()))
-                # MLflow child runs are made on the MLflow thread a few trials ahead: the loop only submits.
-                for key in todo[:2 * depth]:
-                    self._prepare_run(spec, grid_id, key)
-                while todo and len(inflight) < depth:
-                    group = _next_group(todo, rows, spec.fuse_seeds)
-                    claimed = [key for key in group if self.store.claim(key, self.owner)]
-                    waiting_on_others.update(set(group) - set(claimed))  # someone else runs them (or ended)
-                    if not claimed:
-                        continue
-                    tasks = []
-                    for key in claimed:
-                        try:
-                            run_id = self._prepare_run(spec, grid_id, key).result(timeout=RUN_WAIT_S)
-                        except Exception:
-                            run_id = None  # MLflow slow or down: the sync logs this trial's metrics at its end
-                        tasks.append({"config": rows[key]["config"], "checkpoint_dir": str(checkpoint_root() / key),
-                                      "threads": max(1, int(cpu)), "device": "cuda" if gpu > 0 else "cpu",
-                                      "data_dir": spec.data_dir or self.data_dir, "tracking_uri": self.tracker.uri,
-                                      "timeout_s": spec.timeout_s, "run_id": run_id,
-                                      "resources": {"cpu": cpu, "gpu": gpu, "workers": workers}})
-                    ref = remote.remote(tasks[0]) if len(tasks) == 1 else remote_group.remote(tasks)
-                    inflight[ref] = (claimed, time.time())
-                if inflight:
-                    # Wake on the first trial to end, then take every other one ready by then.
-                    refs = list(inflight)
-                    ready, _ = ray.wait(refs, num_returns=1, timeout=POLL_S)
-                    if ready and len(refs) > 1:
-                        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-                else:
-                    ready = []
-                    time.sleep(POLL_S)
-                for ref in ready:
-                    keys, _ = inflight.pop(ref)
-                    executed += self._record(spec, grid_id, keys, ref, todo)
+            while grid.busy():
+                grid.submit_more()
+                for ref in grid.ended():
+                    grid.record(ref)
                 now = time.time()
-                if spec.timeout_s:
-                    # Each attempt enforces its own limit; this backstop only catches a task that never
-                    # reports back (queueing and Ray's retries after node loss are allowed for).
-                    backstop = spec.timeout_s * (spec.max_retries + 1) + QUEUE_SLACK_S
-                    for ref, (keys, submitted) in list(inflight.items()):
-                        if now - submitted > backstop:
-                            ray.cancel(ref, force=True)
-                            inflight.pop(ref)
-                            for key in keys:
-                                if self.store.fail(key, self.owner, f"no answer after {backstop:g} s",
-                                                   spec.max_retries) == "queued":
-                                    todo.append(key)
-                if now - last_beat > HEARTBEAT_EVERY_S:
-                    self.store.heartbeat(self.owner, _keys(inflight))
-                    last_beat = now
-                    # Trials another owner held: try again once they are queued or their owner went silent.
-                    for key in list(waiting_on_others):
-                        waiting_on_others.discard(key)
-                        if self.store.trial(key).status not in (*DONE, "error", "cancelled"):
-                            todo.append(key)
-                if now - last_cancel_check > 1.0:
-                    last_cancel_check = now
-                    if self.store.is_cancelled(grid_id):
-                        for ref in inflight:
-                            ray.cancel(ref, force=True)
-                        cancelled = len(_keys(inflight))
-                        self.store.release(self.owner, _keys(inflight), status="cancelled")
-                        inflight.clear()
-                        todo.clear()
-                        waiting_on_others.clear()
-                if display.due(now):
-                    display.update(self.store.counts(grid_id))
+                grid.expire_overdue(now)
+                if beat.due(now):
+                    grid.heartbeat()
+                if cancel_check.due(now):
+                    grid.stop_if_cancelled()
+                display.tick(now)
+                self._tick_parent(spec, grid_id, now)
         except KeyboardInterrupt:
-            interrupted = 1
-            for ref in inflight:
-                ray.cancel(ref, force=True)
-            self.store.release(self.owner, _keys(inflight), status="queued")
+            interrupted = True
+            grid.hand_back("queued")
         finally:
-            if display.enabled:
-                display.update(self.store.counts(grid_id))
             display.close()
 
+        counts = self.store.counts(grid_id)
+        unsynced, parent = self._close_mlflow(spec, grid_id, counts, 0 if interrupted else sync_timeout_s,
+                                              interrupted)
+        if interrupted:
+            raise GridInterrupted(grid_id)
+        return {"grid": grid_id, "name": spec.name, "trials": len(rows), "executed": grid.executed,
+                "reused": reused, "cancelled": grid.cancelled, "counts": counts, "mlflow_unsynced": unsynced,
+                "tracking_uri": self.tracker.uri, "mlflow_run_id": parent,
+                "mlflow_experiment_id": self.tracker.known_experiment(spec.name)}
+
+    def _close_mlflow(self, spec: GridSpec, grid_id: str, counts: dict[str, int], sync_timeout_s: float,
+                      interrupted: bool) -> tuple[int, str | None]:
+        """End of a run: ended trials synced, trying again for up to `sync_timeout_s`, then the parent's last
+        word: its final comparison and report, and terminated when every run is synced (an interrupted run
+        only says so). Returns how many runs stay unsynced, and the parent run."""
         self._syncer.submit(lambda: None).result()  # drain the per-trial syncs queued so far
-        deadline = time.time() + (0 if interrupted else sync_timeout_s)
+        deadline = time.time() + sync_timeout_s
         unsynced = self.sync_mlflow(spec, grid_id)
         while unsynced and time.time() < deadline:
             time.sleep(2.0)
             unsynced = self.sync_mlflow(spec, grid_id)
-        counts = self.store.counts(grid_id)
-        parent = self.store.grid(grid_id).mlflow_run_id
-        if parent and not interrupted and not unsynced:
-            try:
-                self.tracker.end_grid(parent, counts)
-            except Exception:
-                unsynced += 1
-        if interrupted:
-            raise GridInterrupted(grid_id)
-        return {"grid": grid_id, "name": spec.name, "trials": len(before), "executed": executed, "reused": reused,
-                "cancelled": cancelled, "counts": counts, "mlflow_unsynced": unsynced,
-                "tracking_uri": self.tracker.uri, "mlflow_run_id": parent}
+        parent = self.store.grid_run(grid_id)
+        if parent and interrupted:
+            self._refresh_parent(spec, grid_id, full=False, state="interrupted")
+        elif parent and not self._end_parent(spec, grid_id, counts, terminate=not unsynced):
+            unsynced += 1
+        return unsynced, parent
 
-    def _record(self, spec: GridSpec, grid_id: str, keys: list[str], ref, todo: list[str]) -> int:
-        """Store what one Ray task (a trial, or a fused group of trials) returned; returns how many finished."""
+
+class _GridPass:
+    """One run of a grid by a GridRunner: the trials left to do, the Ray tasks in flight, and the steps
+    of the scheduling loop that move trials between them (claim and submit, record, time out, heartbeat,
+    cancel, hand back)."""
+
+    def __init__(self, runner: GridRunner, spec: GridSpec, grid_id: str, rows: dict[str, dict[str, Any]]):
+        import ray
+        self.runner, self.store, self.owner = runner, runner.store, runner.owner
+        self.spec, self.grid_id, self.rows = spec, grid_id, rows
+        self.todo = [k for k, t in rows.items() if t["status"] not in MEASURED]
+        self.inflight: dict[Any, tuple[list[str], float]] = {}  # one Ray task: its trials (a fused group), when
+        # Trials this runner claimed (or is claiming) and has not recorded: what an interrupt hands back.
+        self.held: set[str] = set()
+        self.waiting_on_others: set[str] = set()  # trials another owner held when this runner came to them
+        self.executed = self.cancelled = 0
+
+        cpu, gpu, workers = spec.resources.cpu, spec.resources.gpu, spec.resources.workers
+        options = dict(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_retries, retry_exceptions=False)
+        self.remote = ray.remote(runner.trial_fn).options(**options)
+        if workers > 1:  # the job's ranks hold the resources; the task that starts it holds none
+            self.remote = ray.remote(execute_distributed).options(**{**options, "num_cpus": 0, "num_gpus": 0})
+        self.remote_group = ray.remote(runner.group_fn).options(**options) if spec.fuse_seeds > 1 else None
+        total = ray.cluster_resources()
+        self.slots = max(1, int(min(total.get("CPU", 1) / (cpu * workers),
+                                    total.get("GPU", 0) / (gpu * workers) if gpu else float("inf"))))
+        self.task_fields = {"threads": max(1, int(cpu)), "device": "cuda" if gpu > 0 else "cpu",
+                            "data_dir": spec.data_dir or runner.data_dir, "timeout_s": spec.timeout_s,
+                            "resources": {"cpu": cpu, "gpu": gpu, "workers": workers}}
+        # Each attempt enforces its own time limit; this backstop only catches a task that never reports
+        # back (queueing and Ray's retries after node loss are allowed for).
+        self.backstop_s = spec.timeout_s * (spec.max_retries + 1) + QUEUE_SLACK_S if spec.timeout_s else None
+
+    def busy(self) -> bool:
+        return bool(self.todo or self.inflight or self.waiting_on_others)
+
+    def submit_more(self) -> None:
+        """Claim and submit trials until about two tasks per slot of this grid's share are in flight."""
+        depth = max(1, 2 * self.slots // max(1, self.runner.share()))
+        # MLflow child runs are made on the MLflow thread a few trials ahead: the loop only submits.
+        for key in self.todo[:2 * depth]:
+            self.runner._prepare_run(self.spec, self.grid_id, key)
+        while self.todo and len(self.inflight) < depth:
+            claimed = self._claim(_next_group(self.todo, self.rows, self.spec.fuse_seeds))
+            if claimed:
+                tasks = [self._task(key) for key in claimed]
+                ref = self.remote.remote(tasks[0]) if len(tasks) == 1 else self.remote_group.remote(tasks)
+                self.inflight[ref] = (claimed, time.time())
+
+    def _claim(self, group: list[str]) -> list[str]:
+        """The trials of `group` this runner now holds; someone else runs the others (or they ended)."""
+        claimed = []
+        for key in group:
+            self.held.add(key)  # before the claim commits: an interrupt right after it still hands it back
+            if self.store.claim(key, self.owner):
+                claimed.append(key)
+            else:
+                self.held.discard(key)
+                self.waiting_on_others.add(key)
+        return claimed
+
+    def _task(self, key: str) -> dict[str, Any]:
+        """What a Ray task needs to train one trial, with where its MLflow child run is (never waited for)."""
+        return {"config": self.rows[key]["config"], "checkpoint_dir": str(checkpoint_root() / key),
+                **self.task_fields, **self.runner._run_for_task(self.spec, self.grid_id, key)}
+
+    def ended(self) -> list[Any]:
+        """Tasks that ended: wake on the first to end (or after POLL_S), then take every other one ready by then."""
+        import ray
+        if not self.inflight:
+            time.sleep(POLL_S)
+            return []
+        refs = list(self.inflight)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=POLL_S)
+        if ready and len(refs) > 1:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return ready
+
+    def record(self, ref: Any) -> None:
+        """Store what one ended task (a trial, or a fused group of trials) returned, then sync it to MLflow."""
         import ray
         from ray.exceptions import RayTaskError, TaskCancelledError
+        keys = self.inflight[ref][0]
         try:
             answer = ray.get(ref)
         except TaskCancelledError:
-            return 0
+            answer = None
         except Exception as exc:
             # The trial raised (RayTaskError): retry it, resuming its checkpoint, up to max_retries times.
             # Anything else means Ray already spent its own max_retries on lost workers or nodes: final.
-            retries = spec.max_retries if isinstance(exc, RayTaskError) else 0
-            for key in keys:
-                if self.store.fail(key, self.owner, _first_line(exc, 2000), retries) == "queued":
-                    todo.append(key)
-                else:
-                    self._syncer.submit(self.sync_mlflow, spec, grid_id, {key})
-            return 0
-        recorded, live = 0, {}
-        for key, result in zip(keys, answer if isinstance(answer, list) else [answer]):
-            if run := result.pop(LIVE_KEY, None):
-                live[key] = run
-            recorded += int(self.store.finish(key, self.owner, result))
-        self._syncer.submit(self.sync_mlflow, spec, grid_id, set(keys), live)
-        return recorded
+            self._failed(keys, _first_line(exc, 2000), self.spec.max_retries if isinstance(exc, RayTaskError) else 0)
+            answer = None
+        if answer is not None:
+            live = {}
+            for key, result in zip(keys, answer if isinstance(answer, list) else [answer]):
+                if run := result.pop(LIVE_KEY, None):
+                    live[key] = run
+                self.executed += int(self.store.finish(key, self.owner, result))
+            self.runner._syncer.submit(self.runner.sync_mlflow, self.spec, self.grid_id, set(keys), live)
+        self._forget(ref)
+
+    def _failed(self, keys: list[str], error: str, retries: int) -> None:
+        """A failed attempt: queued again while retries remain (back on `todo`), else an error to sync."""
+        for key in keys:
+            if self.store.fail(key, self.owner, error, retries) == "queued":
+                self.todo.append(key)
+                self.runner._prepared.pop(key, None)  # prepared again: its child run SCHEDULED again
+            else:
+                self.runner._syncer.submit(self.runner.sync_mlflow, self.spec, self.grid_id, {key})
+
+    def _forget(self, ref: Any) -> None:
+        """The task is done with: its trials are this runner's no more (only after they were recorded, so an
+        interrupt while recording still hands them back)."""
+        keys, _ = self.inflight.pop(ref)
+        self.held.difference_update(keys)
+
+    def expire_overdue(self, now: float) -> None:
+        """Fail the tasks that outlived the backstop (each trial's own time limit, retries and queueing)."""
+        if self.backstop_s is None:
+            return
+        import ray
+        for ref, (keys, submitted) in list(self.inflight.items()):
+            if now - submitted > self.backstop_s:
+                ray.cancel(ref, force=True)
+                self._failed(keys, f"no answer after {self.backstop_s:g} s", self.spec.max_retries)
+                self._forget(ref)
+
+    def heartbeat(self) -> None:
+        """Keep this runner's trials; trials another owner held go back on `todo` unless they ended (their
+        owner queued them again, or went silent and the claim takes them over)."""
+        self.store.heartbeat(self.owner, self.held)
+        for key in list(self.waiting_on_others):
+            self.waiting_on_others.discard(key)
+            if self.store.trial(key).status in ACTIVE:
+                self.todo.append(key)
+
+    def stop_if_cancelled(self) -> None:
+        if self.store.is_cancelled(self.grid_id):
+            self.cancelled = len(self.held)
+            self.hand_back("cancelled")
+            self.todo.clear()
+            self.waiting_on_others.clear()
+
+    def hand_back(self, status: str) -> None:
+        """Stop every task in flight and hand every trial this runner holds back to the store as `status`."""
+        import ray
+        for ref in self.inflight:
+            ray.cancel(ref, force=True)
+        self.store.release(self.owner, self.held, status=status)
+        self.inflight.clear()
+        self.held.clear()
+
+
+class _Every:
+    """Due at most once per `period` seconds, the first time a period after its creation."""
+
+    def __init__(self, period: float):
+        self.period, self.last = period, time.time()
+
+    def due(self, now: float) -> bool:
+        if now - self.last <= self.period:
+            return False
+        self.last = now
+        return True
 
 
 class GridInterrupted(Exception):
@@ -332,13 +523,12 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return (text[-1] if text else type(exc).__name__)[:limit]
 
 
-def _keys(inflight: dict[Any, tuple[list[str], float]]) -> list[str]:
-    return [key for keys, _ in inflight.values() for key in keys]
+def _ended(counts: dict[str, int]) -> dict[str, int]:
+    return {s: counts[s] for s in ENDED}
 
 
 def _next_group(todo: list[str], rows: dict[str, dict[str, Any]], size: int) -> list[str]:
     """Take the next trial from `todo` and, up to `size` in all, later ones that differ from it only in seed."""
-    import json
     first = todo.pop(0)
     if size <= 1:
         return [first]
@@ -363,16 +553,15 @@ def _reject_duplicates(trials: list[GridTrial]) -> None:
     for t in trials:
         other = seen.setdefault(t.key, t)
         if other is not t:
-            from .grids import GridError
             raise GridError(f"variants {other.variant!r} and {t.variant!r} are the same network "
                             f"(identical configuration at depth {t.depth}): drop one")
 
 
 class _Progress:
-    """done/running/queued and an ETA on standard error (rich); silent when disabled."""
+    """done/running/queued and an ETA on standard error (rich); silent, and never reading counts, when disabled."""
 
-    def __init__(self, total: int, done: int, enabled: bool):
-        self.enabled, self.total, self.start_done, self.started = enabled, total, done, time.time()
+    def __init__(self, total: int, done: int, enabled: bool, counts: Callable[[], dict[str, int]]):
+        self.enabled, self.total, self.counts = enabled, total, counts
         self.drawn = 0.0
         if enabled:
             from rich.console import Console
@@ -383,20 +572,20 @@ class _Progress:
             self.task = self.bar.add_task("", total=total, completed=done)
             self.bar.start()
 
-    def due(self, now: float) -> bool:
-        """Redraw at most 4 times a second, and never read counts for a hidden bar."""
-        if not self.enabled or now - self.drawn < 0.25:
-            return False
-        self.drawn = now
-        return True
+    def tick(self, now: float) -> None:
+        """Redraw, at most 4 times a second."""
+        if self.enabled and now - self.drawn >= 0.25:
+            self.drawn = now
+            self._draw()
 
-    def update(self, counts: dict[str, int]) -> None:
-        if self.enabled:
-            done = counts["finished"] + counts["diverged"]
-            text = (f"{done}/{self.total} done · {counts['running']} running · {counts['queued']} queued"
-                    + (f" · {counts['error']} error" if counts["error"] else ""))
-            self.bar.update(self.task, completed=done + counts["error"] + counts["cancelled"], description=text)
+    def _draw(self) -> None:
+        from .parent_view import progress_line
+        counts = self.counts()
+        done = sum(counts[s] for s in MEASURED)
+        self.bar.update(self.task, completed=done + counts["error"] + counts["cancelled"],
+                        description=progress_line(counts))
 
     def close(self) -> None:
         if self.enabled:
+            self._draw()
             self.bar.stop()

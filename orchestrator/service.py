@@ -13,6 +13,8 @@ import sys
 import threading
 import traceback
 
+from ablations.vocabulary import ACTIVE, ENDED
+
 from .grids import GridSpec, parse_grid
 from .scheduler import GridRunner
 from .state import BaseStateStore, get_store
@@ -49,11 +51,11 @@ class GridService:
         if self.store.is_cancelled(grid_id):
             return False
         counts = self.store.counts(grid_id)
-        if counts["queued"] + counts["running"] > 0:
+        if any(counts[s] for s in ACTIVE):
             return True
         # Ended trials whose MLflow runs could not be synced yet (server down): the runner syncs them.
         return any(not t["mlflow_synced"] for t in self.store.grid_trials(grid_id)
-                   if t["status"] in ("finished", "diverged", "error"))
+                   if t["status"] in ENDED)
 
     def _run_grid(self, grid_id: str, spec: GridSpec) -> None:
         try:

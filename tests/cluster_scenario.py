@@ -104,6 +104,18 @@ class Node:
         return sorted(set(killed))
 
 
+def exited(pids: list[int]) -> bool:
+    """Every one of `pids` has exited (a zombie has: it runs no code and writes no file any more)."""
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return False
+    return True
+
+
 def newest_checkpoint(folder: Path) -> int:
     its = [int(p.name[5:14]) for p in folder.glob("ckpt-*.pt")] if folder.is_dir() else []
     return max(its, default=0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -55,12 +56,20 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=log, stderr=log, start_new_session=True)
-        wait_http(f"{self.uri}/health", proc=self.proc)
+        try:
+            wait_http(f"{self.uri}/health", timeout=180, proc=self.proc)
+        except (TimeoutError, RuntimeError):
+            self.stop()  # never leave a server behind a failed start (a busy machine can take minutes)
+            raise
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(30)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:  # its job runners can take longer on a loaded machine
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -218,7 +218,7 @@ def test_a_stored_plan_goes_on_after_an_interruption_and_never_tests_a_look_twic
     plan = out["adaptive"]["plan"]
     assert plan["looks"] == [3, 6] and plan["margin"] == 0.01
     decision = out["adaptive"]["decisions"][0]
-    assert [r["look"] for r in after] == list(range(1, decision["look"] + 1))
+    assert [r["look"] for r in after] == list(range(1, decision["look"] + 1)), after
     if decision["look"] == 2:   # 6 pairs; α spent only grows
         assert after[1]["n"] == 6 and after[1]["alpha_spent"] >= after[0]["alpha_spent"]
     seeds = {t["seed"] for t in StateStore().grid_trials(out["grid"])}

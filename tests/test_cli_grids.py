@@ -8,7 +8,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import ablate
+from tests.helpers import ablate, alias_bomb
 
 SMOKE = {"name": "cli-smoke", "dataset": "synthetic", "subset": 512, "recipe": "smoke", "depths": [8],
          "block": "basic", "width": 4, "variants": ["original", "full_preact"], "seeds": 2}
@@ -105,6 +105,17 @@ def test_bad_grid_file_exit_2_and_state_untouched(finished_grid, tmp_path):
     r = ablate("run", str(bad), "--json", env=env)
     assert r.code == 2 and "unknown variant 'nope'" in r.json["error"]
     assert ablate("status", out["grid"], "--json", env=env).json["finished"] == 4
+
+
+def test_an_alias_bomb_file_is_one_short_line_and_exit_2(tmp_path):
+    """`ablate run` and `ablate tune` read files through the same bounded reader as the service: before,
+    `ablate run` printed the whole expanded value, hundreds of megabytes."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    for command in ("run", "tune"):
+        r = ablate(command, str(bomb), "--json", env={"ABLATE_HOME": str(tmp_path / "home")})
+        assert r.code == 2 and "once its aliases are expanded" in r.json["error"], r.err[-2000:]
+        assert len(r.out) + len(r.err) < 1000
 
 
 def test_grids_lists_the_paper_tables():

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from ablations.vocabulary import DATASET_SHAPES
 from workers import data
-from workers.data import DATASETS, DataError, fashion_mnist_dir, load_dataset, read_idx
+from workers.data import DataError, fashion_mnist_dir, load_dataset, read_idx
 
 
 @pytest.fixture(autouse=True)
@@ -349,7 +350,7 @@ def test_mean_is_the_per_pixel_mean_of_the_training_split():
 def test_unknown_dataset_lists_the_choices():
     with pytest.raises(DataError) as info:
         load_dataset("mnist")
-    assert "'mnist'" in str(info.value) and all(name in str(info.value) for name in DATASETS)
+    assert "'mnist'" in str(info.value) and all(name in str(info.value) for name in DATASET_SHAPES)
 
 
 # --- the real thing ------------------------------------------------------------------------------------------

@@ -187,3 +187,12 @@ def test_workers_are_part_of_a_trials_identity_only_above_one():
     assert load_grid({**BASE, "resources": {"workers": 1}}).grid_id() == load_grid(BASE).grid_id()
     assert {t.config.workers for t in two} == {2} and not {t.key for t in one} & {t.key for t in two}
     assert "workers" not in one[0].config.model_dump() and two[0].config.model_dump()["workers"] == 2
+
+
+def test_a_grid_precision_sets_every_variant_recipe():
+    spec = load_grid({**BASE, "precision": "bf16", "variants": ["original", {"name": "own", "from": "full_preact",
+                                                                              "recipe": {"base": "smoke"}}]})
+    assert {t.config.recipe.precision for t in expand_grid(spec)} == {"bf16"}
+    assert {t.config.recipe.precision for t in expand_grid(load_grid(BASE))} == {"auto"}
+    with pytest.raises(GridError, match="precision"):
+        load_grid({**BASE, "precision": "fp16"})

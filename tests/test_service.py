@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,12 +14,11 @@ import pytest
 
 from orchestrator.state import StateStore
 from tests.conftest import free_port, wait_http
-from tests.helpers import ROOT, ablate, wait_for
+from tests.helpers import ARTIFACTS, ROOT, ablate, chromium, render_in_browser, wait_for
 
 GRID = {"name": "served", "dataset": "synthetic", "subset": 512, "depths": [8], "block": "basic", "width": 4,
         "variants": ["original", "full_preact"], "seeds": 2,
         "recipe": {"base": "smoke", "iterations": 160, "checkpoint_every": 10, "eval_every": 40, "milestones": [120]}}
-ARTIFACTS = ROOT / "test-artifacts"
 
 
 class Server:
@@ -108,22 +105,6 @@ class _Collect(HTMLParser):
 
     def handle_data(self, data):
         self.text.append(data)
-
-
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def render_in_browser(url: str, screenshot: Path) -> str:
-    """The DOM after the page ran, as headless Chromium serialises it, plus a screenshot."""
-    profile = tempfile.mkdtemp()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--window-size=1280,2400"]
-    subprocess.run([chromium(), *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
-    dom = subprocess.run([chromium(), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    shutil.rmtree(profile, ignore_errors=True)
-    return dom.stdout
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -39,6 +40,18 @@ def url(request, tmp_path) -> str:
 @pytest.fixture
 def store(url) -> BaseStateStore:
     return get_store(url)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The store's clock, moved by hand: staleness is tested without racing the real one."""
+    from orchestrator.state import base
+    now = [1_000_000.0]
+    monkeypatch.setattr(base, "time", SimpleNamespace(time=lambda: now[0]))
+
+    def advance(seconds: float) -> None:
+        now[0] += seconds
+    return advance
 
 
 def registered(store, grid=GRID):
@@ -83,14 +96,14 @@ def test_each_trial_is_claimed_once_by_threads_and_processes(store):
     assert store.counts(grid_id)["running"] == 8
 
 
-def test_a_finished_trial_is_immutable(store):
+def test_a_finished_trial_is_immutable(store, clock):
     grid_id, trials = registered(store)
     key = trials[0].key
     assert store.claim(key, "a")
     assert store.finish(key, "a", RESULT)
     before = snapshot_of(store, key)
     assert before[:5] == ("finished", json.dumps(RESULT), 12.5, 0.3, 4.0)
-    time.sleep(0.01)
+    clock(1)
     assert not store.claim(key, "b", stale_after=0)
     assert not store.finish(key, "a", {**RESULT, "test_error": 99.0})
     assert store.fail(key, "a", "late", max_retries=3) == "finished"
@@ -102,13 +115,14 @@ def test_a_finished_trial_is_immutable(store):
     assert [a.outcome for a in store.attempts(key)] == ["finished"]
 
 
-def test_stale_owner_is_taken_over_and_loses_its_write(store):
+def test_stale_owner_is_taken_over_and_loses_its_write(store, clock):
     _, trials = registered(store)
     key = trials[0].key
     assert store.claim(key, "old")
+    clock(59)
     assert not store.claim(key, "new", stale_after=60)
-    time.sleep(0.05)
-    assert store.claim(key, "new", stale_after=0.01)
+    clock(2)
+    assert store.claim(key, "new", stale_after=60)
     assert not store.finish(key, "old", {"status": "finished", "test_error": 1.0})
     assert store.fail(key, "old", "lost", max_retries=0) == "running"  # not the owner: nothing changes
     store.release("old", [key])
@@ -118,15 +132,19 @@ def test_stale_owner_is_taken_over_and_loses_its_write(store):
     assert [(a.owner, a.outcome) for a in store.attempts(key)] == [("old", None), ("new", "finished")]
 
 
-def test_heartbeat_keeps_a_trial_for_its_owner_only(store):
+def test_heartbeat_keeps_a_trial_for_its_owner_only(store, clock):
     _, trials = registered(store)
     key = trials[0].key
     assert store.claim(key, "a")
-    time.sleep(0.05)
+    claimed_at = store.trial(key).heartbeat_at
+    clock(50)
     store.heartbeat("b", [key])  # someone else's beat does not keep it
-    assert store.trial(key).heartbeat_at < time.time() - 0.04
+    assert store.trial(key).heartbeat_at == claimed_at
     store.heartbeat("a", [key])
-    assert not store.claim(key, "b", stale_after=0.04)
+    clock(50)
+    assert not store.claim(key, "b", stale_after=60)  # 100 s since the claim, 50 since the beat
+    clock(11)
+    assert store.claim(key, "b", stale_after=60)
 
 
 def test_failures_retry_then_error_and_rerun_requeues(store):
@@ -231,6 +249,28 @@ def test_results_table_order_does_not_depend_on_registration_order(store):
     order = [(r["variant"], r["seed"]) for r in table]
     assert order == sorted(order) and len(order) == 8
     assert {r["status"] for r in table} == {"finished"}
+
+
+def test_mlflow_runs_belong_to_trials_and_parents_to_grid_names(store):
+    """One child run per trial whichever grid runs it (the first saved wins); one parent per grid name."""
+    grid_a, trials = registered(store)
+    grid_b, _ = registered(store, {**GRID, "seeds": 3})  # the same name, grown: another grid id
+    grid_c, _ = registered(store, {**GRID, "name": "h"})
+    key = trials[0].key
+    assert store.set_trial_run(key, "run-1") == "run-1"
+    assert store.set_trial_run(key, "run-2") == "run-1"  # a second driver's run loses
+    assert {t["mlflow_run_id"] for t in store.grid_trials(grid_c) if t["key"] == key} == {"run-1"}
+
+    assert store.grid_run(grid_a) is None
+    store.set_grid_run(grid_a, "parent-g")
+    assert store.grid_run(grid_b) == "parent-g" and store.grid_run(grid_c) is None
+    assert store.run_grids("parent-g") == [grid_a, grid_b]
+
+    # An errored trial queued again by a new registration is synced again when it ends.
+    store.set_trial_synced(key)
+    assert store.claim(key, "a") and store.fail(key, "a", "boom", max_retries=0) == "error"
+    registered(store)
+    assert [t["mlflow_synced"] for t in store.grid_trials(grid_a) if t["key"] == key] == [False]
 
 
 def test_tuned_recipes_are_saved_and_replaced(store):
@@ -345,7 +385,7 @@ def test_a_database_from_before_migrations_upgrades_in_place(url, tuned):
     assert table.column("test_error").to_pylist().count(12.5) == 1
     # Revision 0003 fills the new columns from the stored records.
     assert table.column("test_size").to_pylist().count(10000) == table.column("precision").to_pylist().count("fp32") == 1
-    # Revision 0004 fills the top-5 error from them too.
+    # Revision 0005 fills the top-5 error from them too.
     assert table.column("test_error_top5").to_pylist().count(3.5) == 1
     assert [a.outcome for a in store.attempts(trials[2].key)] == ["error"]
     assert store.tuned_recipes() == ({"lr": {"lr": 0.05}} if tuned else {})

@@ -22,7 +22,7 @@ BASE = [6.61, 6.72, 6.48, 6.90, 6.55]
 FIELDS = {"setting", "variant", "n", "failed", "mean", "std", "median", "min", "max", "ci_low", "ci_high", "delta",
           "delta_ci_low", "delta_ci_high", "p_value", "p_holm", "effect_size", "p_improve", "decision", "paper",
           "seeds", "paper_reference", "paper_reference_setting", "test_size", "test_se", "pairs", "unpaired_seeds",
-          "pair_pearson", "pair_spearman", "pair_var_diff", "pair_var_sum", "pair_efficiency", "sequential"}
+          "pair_pearson", "pair_spearman", "pair_var_diff", "pair_var_sum", "pair_efficiency", "sequential", "precision"}
 
 
 def trials(variant: str, values, *, dataset="cifar10", depth=110, status="finished", seed0=0) -> list[dict]:
@@ -421,6 +421,6 @@ def test_test_set_sampling_error_from_the_record_or_the_dataset():
 
 
 def test_dataset_test_sizes_match_the_loader():
-    from ablations.spec import TEST_SIZES
+    from ablations.vocabulary import TEST_SIZES
     from workers.data import load_dataset
     assert len(load_dataset("synthetic").test.y) == TEST_SIZES["synthetic"]

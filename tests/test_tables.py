@@ -225,3 +225,15 @@ def test_every_format_means_that_format_on_standard_output(stored_grid, fmt, tmp
     written = ablate("compare", "formats", "--format", fmt, "-o", str(target), "--json", env=stored_grid)
     assert written.code == 0 and written.json == {"written": str(target)}
     assert target.read_bytes() == out
+
+
+def test_a_cell_that_mixes_precisions_says_so():
+    rows = [{"dataset": "cifar10", "depth": 20, "variant": v, "seed": s, "status": "finished",
+             "test_error": 10.0 + s + (v == "b"), "train_loss": 0.1, "train_error": 1.0, "test_size": 10000,
+             "precision": "bf16" if (v, s) == ("b", 2) else "fp32"} for v in ("a", "b") for s in range(4)]
+    doc = document("g", "test_error", compare(rows, baseline="a"))
+    assert [r["precision"] for r in doc["rows"]] == ["fp32", "mixed (bf16 ×1, fp32 ×3)"]
+    text = render(doc, "table")
+    assert "b †" in text and "†: the cell's runs trained in different precisions" in text
+    plain = document("g", "test_error", compare([dict(r, precision="fp32") for r in rows], baseline="a"))
+    assert "trained in fp32" in render(plain, "markdown") and "†" not in render(plain, "markdown")

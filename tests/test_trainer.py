@@ -328,3 +328,14 @@ def test_time_limit_stops_an_attempt_and_keeps_its_checkpoints(tmp_path):
     with pytest.raises(TrialTimeout, match="time limit of 1e-09 s at iteration 30"):
         run_trial(tiny_trial(0), checkpoint_dir=tmp_path, threads=1, time_limit_s=1e-9)
     assert [f.name for f in checkpoints(tmp_path)] == ["ckpt-000000030.pt"]
+
+
+def test_compile_is_chosen_by_the_trial_size_and_the_machine(monkeypatch):
+    cpu, small = torch.device("cpu"), resolve_recipe("smoke")
+    long = resolve_recipe("paper-cifar")
+    macs = 41_000_000  # ResNet-20 on CIFAR
+    assert trainer.should_compile(True, cpu, macs, small) and not trainer.should_compile(False, cpu, macs, long)
+    monkeypatch.setattr(trainer, "cpu_flags", lambda: {"avx2"})
+    assert not trainer.should_compile(None, cpu, macs, long)  # no gain measured on CPUs without bf16 units
+    monkeypatch.setattr(trainer, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert trainer.should_compile(None, cpu, macs, long) and not trainer.should_compile(None, cpu, macs, small)

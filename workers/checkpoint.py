@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from ablations.vocabulary import MEASURED
+
 if TYPE_CHECKING:
     import torch  # imported where used: the grid driver lists checkpoints and must not load torch (3-4 s)
 
@@ -99,4 +101,4 @@ def stored_result(folder: Path | None, config: dict[str, Any]) -> dict[str, Any]
         result = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    return result if result.get("config") == config and result.get("status") in ("finished", "diverged") else None
+    return result if result.get("config") == config and result.get("status") in MEASURED else None

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ablations.spec import DATASET_SHAPES
+from ablations.spec import excerpt
+from ablations.vocabulary import DATASET_SHAPES
 
-DATASETS = ("cifar10", "cifar100", "fashion-mnist", "synthetic", "imagenet")
 STREAMED = ("imagenet",)  # read by workers/imagefolder.py, never loaded whole
 DEBIAN_FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
 TORCHVISION_FASHION_MNIST = pathlib.Path("FashionMNIST", "raw")  # under the root: torchvision's download
@@ -75,24 +75,19 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, subset: i
                  validation: float = 0.0, split_seed: int = 0) -> Dataset:
     """The named dataset; `subset` keeps the first N training examples, then `validation` moves a
     fraction of them, chosen by a permutation drawn from `split_seed`, into `val`."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if name not in DATASET_SHAPES:
+        raise DataError(f"unknown dataset {excerpt(name)}; choose one of: {', '.join(DATASET_SHAPES)}")
     if name in STREAMED:
-        raise DataError(f"{name} is streamed from disk (workers/imagefolder.py), not loaded into memory: "
-                        f"this trainer cannot read it yet")
+        raise DataError(f"{name} is streamed from disk (workers/imagefolder.py), not loaded into memory")
     if not 0.0 <= validation < 1.0:
-        raise DataError(f"validation must be a fraction in [0, 1), got {validation}")
-    if name == "synthetic":
-        folder = None
-    else:
-        found = fashion_mnist_dir(data_dir) if name == "fashion-mnist" else cifar_dir(name, data_dir)
-        folder = str(found.resolve())  # absolute, so a relative root read from two working dirs cannot collide
-    train_x, train_y, test_x, test_y = _load_arrays(name, folder)
+        raise DataError(f"validation must be a fraction in [0, 1), got {excerpt(validation)}")
+    folder = dataset_folder(name, data_dir)
+    train_x, train_y, test_x, test_y = _load_arrays(name, None if folder is None else str(folder))
 
     n = len(train_x)
     if subset is not None:
         if isinstance(subset, bool) or not isinstance(subset, (int, np.integer)) or not 1 <= subset <= n:
-            raise DataError(f"subset must be an integer from 1 to {n} (the {name} training set), got {subset!r}")
+            raise DataError(f"subset must be an integer from 1 to {n} (the {name} training set), got {excerpt(subset)}")
         n = int(subset)
     n_val = round(validation * n)
     if validation > 0 and not 0 < n_val < n:
@@ -116,6 +111,16 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, subset: i
                    mean=torch.from_numpy(mean.astype(np.float32)))
 
 
+def dataset_folder(name: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
+    """The absolute folder a dataset's files are read from (None for `synthetic`, which is generated);
+    absolute, so a relative root read from two working directories cannot collide in the cache."""
+    if name == "synthetic":
+        return None
+    if name in STREAMED:
+        return image_folder_dir(name, data_dir).resolve()
+    return (fashion_mnist_dir(data_dir) if name == "fashion-mnist" else cifar_dir(name, data_dir)).resolve()
+
+
 def _split(x: np.ndarray, y: np.ndarray) -> Split:
     """Tensors over arrays the caller owns (already copied off the cache)."""
     return Split(x=torch.from_numpy(x), y=torch.from_numpy(y.astype(np.int64)))
@@ -125,6 +130,20 @@ def data_root(data_dir: str | os.PathLike | None) -> pathlib.Path | None:
     """The datasets root: `data_dir`, else $ABLATE_DATA_DIR, else None."""
     chosen = data_dir or os.environ.get("ABLATE_DATA_DIR") or None
     return pathlib.Path(chosen).expanduser() if chosen is not None else None
+
+
+def image_folder_dir(name: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """`<root>/<name>/` when it holds train/ and val/, else `<root>/` itself when it does; else a DataError
+    that names the layout."""
+    root = data_root(data_dir)
+    layout = f"<root>/{name}/train/<class>/<image> and <root>/{name}/val/<class>/<image>"
+    how = "root = $ABLATE_DATA_DIR or the grid's data_dir; ImageNet has no public download"
+    if root is None:
+        raise DataError(f"{name}: no data root set; expected {layout} ({how})")
+    for place in (root / name, root):
+        if (place / "train").is_dir() and (place / "val").is_dir():
+            return place
+    raise DataError(f"{name} not found: expected {layout.replace('<root>', str(root))} ({how})")
 
 
 @functools.lru_cache(maxsize=4)

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ablations.spec import DATASET_SHAPES
+from ablations.vocabulary import DATASET_SHAPES
 
-from .data import DataError, data_root
+from .data import DataError, image_folder_dir
 from .sources import BatchSource, Shard
 from .streams import STREAM_AUGMENT, Batches, stream_seed
 
@@ -144,20 +144,6 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-
-
-def image_folder_dir(name: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """`<root>/<name>/` when it holds train/ and val/, else `<root>/` itself when it does; else a DataError
-    that names the layout."""
-    root = data_root(data_dir)
-    layout = f"<root>/{name}/train/<class>/<image> and <root>/{name}/val/<class>/<image>"
-    how = "root = $ABLATE_DATA_DIR or the grid's data_dir; ImageNet has no public download"
-    if root is None:
-        raise DataError(f"{name}: no data root set; expected {layout} ({how})")
-    for place in (root / name, root):
-        if (place / "train").is_dir() and (place / "val").is_dir():
-            return place
-    raise DataError(f"{name} not found: expected {layout.replace('<root>', str(root))} ({how})")
 
 
 def _scan(folder: pathlib.Path):

@@ -13,7 +13,8 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ablations.spec import DATASET_SIZES, omit_at_defaults, raise_one_line
+from ablations.spec import excerpt, omit_at_defaults, raise_one_line
+from ablations.vocabulary import DATASET_SIZES
 
 # Epoch fields of a recipe mapping → the iteration field each resolves to (epochs × iterations per epoch).
 EPOCH_FIELDS = {"epochs": "iterations", "milestones_epochs": "milestones", "eval_every_epochs": "eval_every"}
@@ -61,13 +62,13 @@ class Recipe(BaseModel):
         if self.nesterov and self.momentum == 0:
             raise RecipeError("nesterov needs a momentum above 0")
         if list(self.milestones) != sorted(set(self.milestones)):
-            raise RecipeError(f"milestones must be strictly increasing, got {list(self.milestones)}")
+            raise RecipeError(f"milestones must be strictly increasing, got {excerpt(list(self.milestones))}")
         if self.milestones and (self.milestones[0] <= 0 or self.milestones[-1] >= self.iterations):
-            raise RecipeError(f"milestones must lie in 1..{self.iterations - 1}, got {list(self.milestones)} "
+            raise RecipeError(f"milestones must lie in 1..{self.iterations - 1}, got {excerpt(list(self.milestones))} "
                               f"(iterations alone stretches the base schedule; milestones given beside it "
                               f"replace the stretched ones)")
         if self.warmup_iterations >= self.iterations:
-            raise RecipeError(f"warmup_iterations ({self.warmup_iterations}) must be below iterations "
+            raise RecipeError(f"warmup_iterations ({excerpt(self.warmup_iterations)}) must be below iterations "
                               f"({self.iterations})")
         return self
 
@@ -148,7 +149,7 @@ def make_recipe(fields: Mapping[str, Any], train_size: int | None = None) -> Rec
     fields resolve to iterations over `train_size` examples (see `in_iterations`)."""
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise RecipeError(f"unknown recipe field {unknown[0]!r}; fields: {', '.join(FIELDS)}")
+        raise RecipeError(f"unknown recipe field {excerpt(unknown[0])}; fields: {', '.join(FIELDS)}")
     try:
         return Recipe(**in_iterations(fields, train_size, fields.get("batch_size")))
     except ValidationError as exc:
@@ -167,7 +168,7 @@ def in_iterations(fields: Mapping[str, Any], train_size: int | None, batch_size:
     if train_size is None:
         raise RecipeError(f"the recipe counts epochs ({', '.join(given)}): it needs the training-set size")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 0 < batch_size <= train_size:
-        raise RecipeError(f"batch_size {batch_size!r} must be a whole number from 1 to the {train_size} training "
+        raise RecipeError(f"batch_size {excerpt(batch_size)} must be a whole number from 1 to the {train_size} training "
                           f"examples of an epoch")
     per_epoch = train_size // batch_size
     out = dict(fields)
@@ -178,7 +179,7 @@ def in_iterations(fields: Mapping[str, Any], train_size: int | None, batch_size:
                                        else max(1, round(value * per_epoch)))
         except TypeError:
             raise RecipeError(f"{name}: expected {'a list of numbers' if name == 'milestones_epochs' else 'a number'}"
-                              f", got {value!r}") from None
+                              f", got {excerpt(value)}") from None
     return out
 
 
@@ -194,16 +195,16 @@ def _on_top(fields: Mapping[str, Any], more: Mapping[str, Any]) -> dict[str, Any
 def parse_override(text: str) -> tuple[str, Any]:
     """`FIELD=VALUE` from the command line; VALUE is YAML (numbers, booleans, [lists]) or a,b,c."""
     if "=" not in text:
-        raise RecipeError(f"--set expects FIELD=VALUE, got {text!r}")
+        raise RecipeError(f"--set expects FIELD=VALUE, got {excerpt(text)}")
     field, raw = (s.strip() for s in text.split("=", 1))
     if field not in FIELDS:
-        raise RecipeError(f"unknown recipe field {field!r}; fields: {', '.join(FIELDS)}")
+        raise RecipeError(f"unknown recipe field {excerpt(field)}; fields: {', '.join(FIELDS)}")
     if field in ("milestones", "milestones_epochs") and not raw.startswith("["):
         raw = f"[{raw}]"
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        raise RecipeError(f"--set {field}: cannot read value {raw!r}") from None
+        raise RecipeError(f"--set {field}: cannot read value {excerpt(raw)}") from None
     return field, value
 
 
@@ -225,7 +226,7 @@ def resolve_recipe(recipe: str | Mapping[str, Any] | Recipe = "mini-cpu", overri
         base = spec.pop("base", "mini-cpu")
         library = {**RECIPES, **{f"tuned/{k}": v for k, v in (tuned or {}).items()}}
         if base not in library:
-            raise RecipeError(f"unknown recipe {base!r}; bundled: {', '.join(RECIPES)}"
+            raise RecipeError(f"unknown recipe {excerpt(base)}; bundled: {', '.join(RECIPES)}"
                               + (f"; tuned: {', '.join(tuned)}" if tuned else ""))
         base_fields, own = dict(library[base]), spec
     given = _on_top(own, overrides or {})

@@ -57,10 +57,11 @@ PAD = 4  # pad-4 random crop (He et al. 2016, CIFAR recipe)
 EVAL_BATCH = 1000
 # A loss above EXPLODED × ln(classes) is divergence: far beyond chance, no run comes back from it.
 EXPLODED = 100.0
-# torch.compile costs 23-31 s of first steps and gained 16% (fp32) on a 2-core AMX Xeon (shared/NOTES.md):
-# it pays beyond about 200 s of eager work. Work is counted in forward multiply-accumulates of the whole
-# trial (images × MACs per image) so the decision is a function of the configuration, never of a timing;
-# 1e13 MACs is about 400 s of eager ResNet-20 there.
+# torch.compile costs 23-31 s of first steps and gained 16% (fp32) and 22% (bf16) on a 2-core AMX Xeon
+# (shared/NOTES.md): it pays beyond about 200 s of eager work. Work is counted in forward multiply-
+# accumulates of the whole trial (images × MACs per image) so the decision is a function of the
+# configuration and the kind of machine, never of a timing; 1e13 MACs is about 400 s of eager ResNet-20
+# there. On CPUs without bf16 units no gain has been measured (bench/trainer.py), so they stay eager.
 COMPILE_MIN_MACS = 1e13
 
 
@@ -119,7 +120,10 @@ def should_compile(requested: bool | None, device: torch.device, macs_per_image:
     """Compile when asked, or (None) when the trial's work earns the compile time back."""
     if requested is not None:
         return requested
-    return device.type == "cuda" or macs_per_image * recipe.batch_size * recipe.iterations >= COMPILE_MIN_MACS
+    if device.type == "cuda":
+        return True
+    measured_gain = device.type == "cpu" and bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    return measured_gain and macs_per_image * recipe.batch_size * recipe.iterations >= COMPILE_MIN_MACS
 
 
 # -------------------------------------------------------------------------------------------------- data

@@ -18,11 +18,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from ablations.vocabulary import MEASURED, STATUSES
+
 from .models import (LOOK_FIELDS, AttemptRow, GridRow, GridTrialRow, SequentialLookRow, SequentialPlanRow,
                      TrialRow, TunedRecipeRow)
 
-STATES = ("queued", "running", "finished", "diverged", "error", "cancelled")
-DONE = ("finished", "diverged")
 # A running trial whose owner stopped heartbeating this long is taken over (owners beat 4× as often).
 STALE_AFTER_S = float(os.environ.get("ABLATE_STALE_AFTER_S", "30"))
 # IN lists and multi-row inserts go in chunks: a few statements per grid, not one per trial, and under
@@ -48,7 +48,8 @@ class BaseStateStore(ABC):
         running           → queued|error       `fail`: queued again while attempts remain
         running           → queued|cancelled   `release` (interrupted: resumable; cancelled)
         queued            → cancelled          `cancel_grid`
-        error|cancelled   → queued             `register_grid` (a rerun gives it fresh attempts)
+        error|cancelled   → queued             `register_grid` (a rerun gives it fresh attempts, and its
+                                                child run is synced again when it ends)
 
     Contract, for every backend:
     - Atomic: each method is one transaction; a crash at any instant leaves the state before the call or
@@ -58,8 +59,8 @@ class BaseStateStore(ABC):
       owner whose heartbeat went older than `stale_after` may lose the trial to a takeover, and then
       loses its write as well (`finish` returns False, nothing is written).
     - Immutable: a `finished` or `diverged` trial never changes again: no method rewrites its status,
-      result or metrics; grids that contain it reuse it. (A grid's link to it keeps MLflow bookkeeping,
-      its child run id and sync flag, which `set_trial_run` updates.)
+      result or metrics; grids that contain it reuse it. (Its MLflow bookkeeping is not part of it: its
+      child run id, set once by `set_trial_run`, and its sync flag, `set_trial_synced`.)
     - Idempotent: `register_grid` again with the same trials changes nothing but the grid's spec, its
       cancelled flag and the transition above (error|cancelled → queued); with more trials it adds them.
       Concurrent registrations of overlapping grids all succeed.
@@ -109,10 +110,10 @@ class BaseStateStore(ABC):
                     {"key": k, "config": keyed[k].config.model_dump_json(), "status": "queued", "attempts": 0,
                      "updated_at": now} for k in chunk])
                 s.execute(update(TrialRow).where(TrialRow.key.in_(chunk), TrialRow.status.in_(("error", "cancelled")))
-                          .values(status="queued", attempts=0, error=None, updated_at=now))
+                          .values(status="queued", attempts=0, error=None, updated_at=now, mlflow_synced=False))
                 s.execute(insert(GridTrialRow.__table__).on_conflict_do_nothing(), [
                     {"grid_id": grid_id, "trial_key": k, "dataset": keyed[k].dataset, "depth": keyed[k].depth,
-                     "variant": keyed[k].variant, "seed": keyed[k].seed, "mlflow_synced": False} for k in chunk])
+                     "variant": keyed[k].variant, "seed": keyed[k].seed} for k in chunk])
 
     def grid(self, grid_id: str) -> GridRow | None:
         with self.snapshot() as s:
@@ -135,13 +136,37 @@ class BaseStateStore(ABC):
         with self.transaction() as s:
             s.get(GridRow, grid_id).mlflow_run_id = run_id
 
-    def set_trial_run(self, grid_id: str, key: str, run_id: str | None = None, synced: bool | None = None) -> None:
+    def grid_run(self, grid_id: str) -> str | None:
+        """The grid's MLflow parent run: its own, else the one an earlier grid of the same name holds
+        (which the grid then holds too)."""
+        held = self.grid(grid_id).mlflow_run_id
+        if held is not None:
+            return held  # the common case: read only
         with self.transaction() as s:
-            row = s.get(GridTrialRow, (grid_id, key))
-            if run_id is not None:
-                row.mlflow_run_id = run_id
-            if synced is not None:
-                row.mlflow_synced = synced
+            grid = s.get(GridRow, grid_id, with_for_update=True)
+            if grid.mlflow_run_id is None:
+                grid.mlflow_run_id = s.scalars(select(GridRow.mlflow_run_id).where(
+                    GridRow.name == grid.name, GridRow.mlflow_run_id.is_not(None))
+                    .order_by(GridRow.created_at.desc())).first()
+            return grid.mlflow_run_id
+
+    def run_grids(self, run_id: str) -> list[str]:
+        """The ids of the grids an MLflow parent run has held, oldest first."""
+        with self.snapshot() as s:
+            return list(s.scalars(select(GridRow.id).where(GridRow.mlflow_run_id == run_id)
+                                  .order_by(GridRow.created_at)))
+
+    def set_trial_run(self, key: str, run_id: str) -> str:
+        """Give a trial its MLflow child run unless it holds one already; returns the run it holds (the first
+        saved wins when two drivers made one at once)."""
+        with self.transaction() as s:
+            s.execute(update(TrialRow).where(TrialRow.key == key, TrialRow.mlflow_run_id.is_(None))
+                      .values(mlflow_run_id=run_id))
+            return s.scalar(select(TrialRow.mlflow_run_id).where(TrialRow.key == key))
+
+    def set_trial_synced(self, key: str) -> None:
+        with self.transaction() as s:
+            s.get(TrialRow, key).mlflow_synced = True
 
     def grid_trials(self, grid_id: str, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """The grid's trials (or those of `keys`) with their labels, state and result."""
@@ -153,7 +178,7 @@ class BaseStateStore(ABC):
             rows = s.execute(query).all()
         return [{"key": t.key, "dataset": gt.dataset, "depth": gt.depth, "variant": gt.variant, "seed": gt.seed,
                  "status": t.status, "attempts": t.attempts, "test_error": t.test_error, "train_loss": t.train_loss,
-                 "error": t.error, "mlflow_run_id": gt.mlflow_run_id, "mlflow_synced": gt.mlflow_synced,
+                 "error": t.error, "mlflow_run_id": t.mlflow_run_id, "mlflow_synced": t.mlflow_synced,
                  "result": json.loads(t.result) if t.result else None, "config": t.config} for gt, t in rows]
 
     def results_table(self, grid_id: str):
@@ -178,7 +203,8 @@ class BaseStateStore(ABC):
                         func.sum(AttemptRow.ended_at - AttemptRow.started_at))
                  .join(AttemptRow, AttemptRow.trial_key == GridTrialRow.trial_key)
                  .join(TrialRow, TrialRow.key == GridTrialRow.trial_key)
-                 .where(GridTrialRow.grid_id == grid_id, AttemptRow.ended_at.is_not(None), TrialRow.status.in_(DONE))
+                 .where(GridTrialRow.grid_id == grid_id, AttemptRow.ended_at.is_not(None),
+                        TrialRow.status.in_(MEASURED))
                  .group_by(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed))
         with self.snapshot() as s:
             rows = s.execute(query).all()
@@ -189,7 +215,7 @@ class BaseStateStore(ABC):
             rows = s.execute(select(TrialRow.status, func.count()).join(
                 GridTrialRow, TrialRow.key == GridTrialRow.trial_key)
                 .where(GridTrialRow.grid_id == grid_id).group_by(TrialRow.status)).all()
-        counts = dict.fromkeys(STATES, 0)
+        counts = dict.fromkeys(STATUSES, 0)
         counts.update({status: n for status, n in rows})
         return counts
 
@@ -234,7 +260,7 @@ class BaseStateStore(ABC):
     def finish(self, key: str, owner: str, result: dict[str, Any]) -> bool:
         """Store a result once; False when this owner no longer holds the trial (nothing is written)."""
         status = result["status"]
-        if status not in DONE:
+        if status not in MEASURED:
             raise ValueError(f"a result's status is finished or diverged, not {status!r}")
         record = {k: v for k, v in result.items() if k != "config"}
         with self.transaction() as s:

@@ -32,6 +32,8 @@ class GridRow(Base):
     spec: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
     cancelled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The MLflow parent run: one per grid name, so every grid of a name (grown with more seeds, depths or
+    # variants) holds the same id.
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
@@ -54,6 +56,10 @@ class TrialRow(Base):
     precision: Mapped[str | None] = mapped_column(String(8), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
+    # One MLflow child run per trial, under the parent of the grid that first ran it; other grids link to it.
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # True once the child run holds every metric of the result and is terminated.
+    mlflow_synced: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class GridTrialRow(Base):
@@ -64,9 +70,6 @@ class GridTrialRow(Base):
     depth: Mapped[int] = mapped_column(Integer)
     variant: Mapped[str] = mapped_column(String(64))
     seed: Mapped[int] = mapped_column(Integer)
-    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # True once the child run holds every metric of the result and is terminated.
-    mlflow_synced: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class AttemptRow(Base):

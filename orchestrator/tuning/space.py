@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ablations.spec import SpecError
+from ablations.spec import SpecError, excerpt
 from workers.recipes import RecipeError, make_recipe, resolve_recipe, training_size
 
 from .spec import TUNABLE, TuneError, TuneSpec, decode_param, encode_choice
@@ -33,7 +33,7 @@ def search_space(spec: TuneSpec, base) -> dict[str, Any]:
             try:
                 trial_recipe(base, {field: encode_choice(v)})
             except RecipeError as exc:
-                raise TuneError(f"space.{field}: {v!r} makes an invalid recipe: {exc}") from None
+                raise TuneError(f"space.{field}: {excerpt(v)} makes an invalid recipe: {exc}") from None
         if "choices" in entry:
             out[field] = CategoricalDistribution([encode_choice(c) for c in entry["choices"]])
         elif TUNABLE[field] is int:

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ablations.spec import DATASET_SHAPES, VARIANTS, load_yaml, validate_mapping, variant_fields
+from ablations.spec import CatalogueVariant, load_yaml, validate_mapping, variant_fields
+from ablations.vocabulary import DataDir, DatasetName
 
 from ..grids import NAME_PATTERN, Resources, VariantSpec
 
@@ -36,13 +37,13 @@ class TuneSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
-    dataset: str
+    dataset: DatasetName
     subset: int | None = Field(None, ge=1)
-    data_dir: str | None = Field(None, description="datasets root on every node, as in a grid")
+    data_dir: DataDir | None = Field(None, description="datasets root on every node, as in a grid")
     depth: int = Field(ge=1)
     block: Literal["basic", "bottleneck"] | None = None
     width: int | None = Field(None, ge=1, le=1024)
-    variant: str | VariantSpec = "original"
+    variant: CatalogueVariant | VariantSpec = "original"
     base: str | dict[str, Any] = "mini-cpu"
     space: dict[str, dict[str, Any]]
     n_trials: int = Field(20, ge=1, le=10_000)
@@ -52,21 +53,6 @@ class TuneSpec(BaseModel):
     parallel: int | None = Field(None, ge=1, le=1024, description="default: Ray CPUs (or GPUs) / resources")
     resources: Resources = Resources()
 
-    @field_validator("dataset")
-    @classmethod
-    def _dataset(cls, value):
-        if value not in DATASET_SHAPES:
-            raise ValueError(f"unknown dataset {value!r}; choose one of: {', '.join(DATASET_SHAPES)}")
-        return value
-
-    @field_validator("variant")
-    @classmethod
-    def _variant(cls, value):
-        if isinstance(value, str) and value not in VARIANTS:
-            raise ValueError(f"unknown variant {value!r}; catalogue: {', '.join(VARIANTS)} "
-                             f"(or write a mapping with name and model fields)")
-        return value
-
     @field_validator("space")
     @classmethod
     def _space(cls, value):
@@ -75,12 +61,6 @@ class TuneSpec(BaseModel):
         for field, entry in value.items():
             _check_entry(field, entry)
         return value
-
-    @model_validator(mode="after")
-    def _data_dir(self) -> "TuneSpec":
-        if self.data_dir is not None and (not Path(self.data_dir).is_absolute() or ".." in Path(self.data_dir).parts):
-            raise ValueError("data_dir must be an absolute path without '..' (every node resolves it alike)")
-        return self
 
     def network_fields(self) -> dict[str, Any]:
         fields = variant_fields(self.variant) if isinstance(self.variant, str) else self.variant.fields()
@@ -104,46 +84,46 @@ def _check_entry(field: str, entry: Any) -> None:
         raise TuneError(f"{where}: not a tunable field; tunable: {', '.join(TUNABLE)}")
     kind = TUNABLE[field]
     if not isinstance(entry, dict):
-        raise TuneError(f"{where}: write {{low, high, log}} or {{choices: [...]}}, got {entry!r}")
+        raise TuneError(f"{where}: write {{low, high, log}} or {{choices: [...]}}, got {excerpt(entry)}")
     if "choices" in entry:
         if set(entry) != {"choices"}:
             raise TuneError(f"{where}: choices go alone, without {', '.join(sorted(set(entry) - {'choices'}))}")
         choices = entry["choices"]
         if not isinstance(choices, list) or not choices:
-            raise TuneError(f"{where}: choices must be a non-empty list, got {choices!r}")
+            raise TuneError(f"{where}: choices must be a non-empty list, got {excerpt(choices)}")
         for c in choices:
             _check_value(where, kind, c)
         if len({encode_choice(c) for c in choices}) != len(choices):
-            raise TuneError(f"{where}: choices repeat: {choices}")
+            raise TuneError(f"{where}: choices repeat: {excerpt(choices)}")
         return
     if kind is list:
         raise TuneError(f"{where}: the schedule's shape is a choice: {{choices: [[0.5, 0.75], [0.3, 0.6, 0.9]]}}")
     unknown = set(entry) - {"low", "high", "log"}
     if unknown:
-        raise TuneError(f"{where}: unknown key {sorted(unknown)[0]!r}; write {{low, high, log}} or {{choices}}")
+        raise TuneError(f"{where}: unknown key {excerpt(sorted(unknown)[0])}; write {{low, high, log}} or {{choices}}")
     if "low" not in entry or "high" not in entry:
-        raise TuneError(f"{where}: a range needs both low and high, got {entry}")
+        raise TuneError(f"{where}: a range needs both low and high, got {excerpt(entry)}")
     low, high, log = entry["low"], entry["high"], entry.get("log", False)
     for v in (low, high):
         _check_value(where, kind, v)
     if not isinstance(log, bool):
-        raise TuneError(f"{where}: log is true or false, got {log!r}")
+        raise TuneError(f"{where}: log is true or false, got {excerpt(log)}")
     if not low < high:
-        raise TuneError(f"{where}: low ({low}) must be below high ({high})")
+        raise TuneError(f"{where}: low ({excerpt(low)}) must be below high ({excerpt(high)})")
     if log and low <= 0:
-        raise TuneError(f"{where}: a log scale needs low > 0, got {low}")
+        raise TuneError(f"{where}: a log scale needs low > 0, got {excerpt(low)}")
 
 
 def _check_value(where: str, kind: type, value: Any) -> None:
     if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
-        raise TuneError(f"{where}: an integer field takes integer values, got {value!r}")
+        raise TuneError(f"{where}: an integer field takes integer values, got {excerpt(value)}")
     if kind is float and not _is_number(value):
-        raise TuneError(f"{where}: expects numbers, got {value!r}")
+        raise TuneError(f"{where}: expects numbers, got {excerpt(value)}")
     if kind is list:
         if not isinstance(value, list) or not all(_is_number(f) and 0 < f < 1 for f in value):
-            raise TuneError(f"{where}: each choice is a list of fractions of the run in (0, 1), got {value!r}")
+            raise TuneError(f"{where}: each choice is a list of fractions of the run in (0, 1), got {excerpt(value)}")
         if value != sorted(set(value)):
-            raise TuneError(f"{where}: fractions must be strictly increasing, got {value}")
+            raise TuneError(f"{where}: fractions must be strictly increasing, got {excerpt(value)}")
 
 
 def encode_choice(value: Any) -> Any:

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.cluster_scenario import Node, newest_checkpoint, session_pids, wait  # noqa: E402
+from tests.cluster_scenario import Node, exited, newest_checkpoint, session_pids, wait  # noqa: E402
 from tests.postgres import Postgres  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -325,9 +325,9 @@ def main(workdir: Path, scratch: Path) -> dict:
         first_owner = {k: store.trial(k).owner for k in keys}
         killed_at = time.time()
         killed = nodes[victim_node].kill()
-        # Checkpoints come every few iterations: read them after the kill (and after any rename it caught
-        # mid-call has landed), or the victim's last one can fall between the reading and the kill.
-        time.sleep(0.5)
+        # Checkpoints come every few iterations: read them once every killed process has exited, or the
+        # victim's last one can fall between the reading and its death.
+        wait(lambda: exited(killed), 60, f"the processes of {victim_node} to exit")
         before = ckpts()
         fault_a = report["faults"]["ray_node"] = {
             "at_s": killed_at - grid_t0, "node": victim_node, "pids_killed": killed, "worker_pid": worker_pid,

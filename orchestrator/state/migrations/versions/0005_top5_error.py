@@ -3,16 +3,16 @@
 The column is filled for trials that ended before this revision from their stored result records (only
 records of ImageNet-style trials hold one: the column stays empty elsewhere).
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 """
 import json
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
