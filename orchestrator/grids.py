@@ -268,7 +268,8 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
                                                         else None, tuned=tuned,
                                                         train_size=training_size(dataset, spec.subset))
             except RecipeError as exc:
-                raise GridError(f"recipe: {exc}" if recipe is spec.recipe else f"variants.{name}.recipe: {exc}") from None
+                raise GridError(f"recipe: {exc}" if recipe is spec.recipe
+                                else f"variants.{name}.recipe: {exc}") from None
             if recipes[dataset, name].sync_bn and not spec.resources.gpu:
                 raise GridError("recipe: sync_bn needs GPUs (resources.gpu: 1): torch's SyncBatchNorm does not run "
                                 "on CPU")

@@ -35,8 +35,8 @@ NET = dict(depth=8, block="basic", width=8)
 RECIPE = dict(iterations=40, batch_size=64, milestones=[30], eval_every=20, checkpoint_every=8, log_every=1,
               augment=True)
 GRID = {"name": "ddp", "dataset": "fashion-mnist", "subset": 2048, "recipe": {"base": "smoke", **RECIPE},
-        "depths": [8], "block": "basic", "width": 8, "variants": ["original"], "seeds": [0], "resources": {"workers": 2, "cpu": 1},
-        "max_retries": 2}
+        "depths": [8], "block": "basic", "width": 8, "variants": ["original"], "seeds": [0],
+        "resources": {"workers": 2, "cpu": 1}, "max_retries": 2}
 
 
 def config(workers: int) -> TrialConfig:

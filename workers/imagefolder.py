@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ablations.vocabulary import DATASET_SHAPES
 
 from .data import DataError, image_folder_dir
-from .sources import BatchSource, Shard
+from .sources import Batch, BatchSource, Shard
 from .streams import STREAM_AUGMENT, Batches, stream_seed
 
 TRAIN_CROP = 224
@@ -241,7 +241,7 @@ class ImageFolderSource(BatchSource):
                           generator=torch.Generator().manual_seed(stream_seed(seed, STREAM_WORKERS)),
                           **kwargs)
 
-    def _on_device(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _on_device(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         try:
             for x, y in batches:
                 yield (x.to(self.device, non_blocking=self.pin_memory).contiguous(memory_format=torch.channels_last),
@@ -249,7 +249,7 @@ class ImageFolderSource(BatchSource):
         except DataError as exc:
             raise _worker_error(exc) from None
 
-    def train_batches(self, slot: int, start: int, stop: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(self, slot: int, start: int, stop: int | None) -> Iterator[Batch]:
         """(x, y) of iterations start..stop-1 (None: on and on) of seed `seeds[slot]` (this shard's part),
         decoded ahead by the workers, on the device."""
         seed = self.seeds[slot]
@@ -257,14 +257,14 @@ class ImageFolderSource(BatchSource):
         return self._on_device(self._loader(_Images(self.samples, self.train_transform, seed), seed,
                                             batch_sampler=sampler))
 
-    def train_batch(self, slot: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_batch(self, slot: int, iteration: int) -> Batch:
         expected, stream = self._streams.get(slot, (None, None))
         if expected != iteration:  # the first ask, or a jump: a stream from here to the end
             stream = self.train_batches(slot, iteration, self.iterations)
         self._streams[slot] = (iteration + 1, stream)
         return next(stream)
 
-    def eval_batches(self, images: int | None = None) -> tuple[int, dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]]]:
+    def eval_batches(self, images: int | None = None) -> tuple[int, dict[str, Iterable[Batch]]]:
         """The evaluation set (all of it, or `images` evenly spaced ones) at every evaluation crop, in folder
         order, this shard's part; the reported crop's view is named "", the others by their crop."""
         samples = self.eval_samples
@@ -273,7 +273,8 @@ class ImageFolderSource(BatchSource):
         mine = samples[self.shard.part(len(samples))]
         views = {}
         for crop, (resize, size) in self.eval_crops.items():
-            loader = self._loader(_Images(mine, eval_transform(resize, size)), self.seeds[0], batch_size=self.eval_batch)
+            loader = self._loader(_Images(mine, eval_transform(resize, size)), self.seeds[0],
+                                  batch_size=self.eval_batch)
             views["" if crop == self.report_crop else f"_{crop}"] = self._on_device(loader)
         return len(samples), views
 

@@ -168,8 +168,8 @@ def in_iterations(fields: Mapping[str, Any], train_size: int | None, batch_size:
     if train_size is None:
         raise RecipeError(f"the recipe counts epochs ({', '.join(given)}): it needs the training-set size")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 0 < batch_size <= train_size:
-        raise RecipeError(f"batch_size {excerpt(batch_size)} must be a whole number from 1 to the {train_size} training "
-                          f"examples of an epoch")
+        raise RecipeError(f"batch_size {excerpt(batch_size)} must be a whole number from 1 to the {train_size} "
+                          f"training examples of an epoch")
     per_epoch = train_size // batch_size
     out = dict(fields)
     for name in given:

@@ -1,14 +1,20 @@
 """One training loop for every trial: the k ≥ 1 seeds of one configuration, trained as k channel groups of
 one network (`build_model(spec, groups=k)`, see workers/fused.py). A solo trial is a group of one.
 
-The loop is flat: the dataset lives on the device as uint8, each batch is gathered, normalised and
-augmented there as whole-tensor ops, and the learning rate is set explicitly at every step.
+The loop is flat: batches come from the trial's batch source (workers/sources.py): a small dataset lives
+on the device as uint8, each batch gathered, normalised and augmented there as whole-tensor ops
+(`DeviceData`), and ImageNet streams from an image folder (workers/imagefolder.py). The learning rate is
+set explicitly at every step.
+
+Several workers of one trial (`distributed=True`) run this same loop, one per rank: DistributedDataParallel
+wraps the model, and each rank's source yields its shard of the global batch.
 
 Determinism: every random draw is a function of (seed, stream, index): initialisation of (seed),
 the data order of (seed, epoch), augmentation of (seed, iteration), dropout masks of (the group's seeds,
-iteration). So the iteration stored in a checkpoint is the whole random state, and a resumed run repeats
-an uninterrupted one bit for bit on CPU (same thread count, same precision, same compile decision, which
-the checkpoint keeps). On CUDA, cuDNN makes runs close, not identical.
+iteration; and the rank, with several workers). So the iteration stored in a checkpoint is the whole
+random state, and a resumed run repeats an uninterrupted one bit for bit on CPU (same thread count, same
+precision, same compile decision, which the checkpoint keeps). On CUDA, cuDNN makes runs close, not
+identical.
 
 Each seed keeps its own result: its own batches, loss, gradient slice, optimizer state, checkpoints
 (solo-shaped, so any seed resumes alone or in another group), metrics sink and result record.
@@ -236,7 +242,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mean: tor
              bf16: bool) -> list[tuple[float, float | None]]:
     """(error %, mean loss) of every copy of the model in evaluation mode (BN running statistics), each on
     the same device-resident images (workers/sources.py `score`); a loss that is not finite is None."""
-    return [(m["test_error"], m["test_loss"]) for m in metrics(score(model, _chunks(x, y, mean, scale), x.device, bf16))]
+    scored = metrics(score(model, _chunks(x, y, mean, scale), x.device, bf16))
+    return [(m["test_error"], m["test_loss"]) for m in scored]
 
 
 # ---------------------------------------------------------------------------------------------- windows
@@ -292,7 +299,7 @@ def run_trials(configs: list[TrialConfig], *, checkpoint_dirs: list[str | os.Pat
     None decides by the trial's size (`should_compile`).
 
     `distributed`: this process is one rank of an initialised torch.distributed process group whose size
-    is the configs' `workers` (workers/distributed.py says how the ranks share a step); every rank calls
+    is the configs' `workers` (workers/sources.py says how the ranks share a step); every rank calls
     run_trials with the same arguments, and rank 0 alone writes checkpoints and results and logs to its
     sinks (the others may pass sinks that discard).
     """
@@ -463,7 +470,8 @@ class _Loop:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # Dropout shortcuts draw from here; each rank masks its own images.
-        torch.manual_seed(_stream_seed(*self.seeds, STREAM_STEP, it, *(() if self.shard is None else (self.shard.rank,))))
+        rank = () if self.shard is None else (self.shard.rank,)
+        torch.manual_seed(_stream_seed(*self.seeds, STREAM_STEP, it, *rank))
         torch._foreach_copy_(self.before, self.buffers)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self._call(xb).float().unflatten(1, (k, -1))  # [B, k, classes]
