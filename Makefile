@@ -19,7 +19,7 @@ apt:
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  missing=$$(for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	  if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi; \
-	else echo "note: not root or no apt-get; install $(PACKAGES) yourself (or set ABLATE_DATA_DIR)"; fi
+	else echo "note: not root or no apt-get; install $(PACKAGES) yourself (make demo fetches Fashion-MNIST instead)"; fi
 
 # torch 2.14.1 / torchvision 0.29.1 are what these machines install from local disk.
 $(VENV)/.installed: pyproject.toml
@@ -29,9 +29,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# The main job: a real grid on embedded defaults (local Ray, sqlite state and MLflow under .ablate/).
+# The main job: a real grid on embedded defaults (local Ray, sqlite state and MLflow under .ablate/). Without
+# the Debian package and without ABLATE_DATA_DIR, Fashion-MNIST is downloaded once (torchvision, MD5-checked)
+# into .ablate/data, and the run reads it from there.
+FETCHED := $(abspath .ablate/data)
 demo: setup
-	$(VENV)/bin/ablate run demo
+	@if [ -z "$$ABLATE_DATA_DIR" ] && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  $(VENV)/bin/ablate data fetch fashion-mnist --dir $(FETCHED) && \
+	  ABLATE_DATA_DIR=$(FETCHED) $(VENV)/bin/ablate run demo; \
+	else $(VENV)/bin/ablate run demo; fi
 
 test: setup-test
 	$(PY) -m pytest -q

@@ -60,9 +60,10 @@ def probe_propagation(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dic
         for h in handles:
             h.remove()
     gains = [u.shortcut.analytic_gain() for u in units]
+    stage_of = [stage + 1 for stage, count in enumerate(model.spec.stages) for _ in range(count)]
     per_unit = []
     for i, (u, inp, grad) in enumerate(zip(units, inputs, grads)):
-        per_unit.append({"unit": i + 1, "stage": i // model.spec.n + 1, "x_norm": _norm(inp), "grad_norm": _norm(grad),
+        per_unit.append({"unit": i + 1, "stage": stage_of[i], "x_norm": _norm(inp), "grad_norm": _norm(grad),
                          "shortcut_gain": gains[i], "gate_mean": gate_means.get(i)})
     last_grad = _norm(grads[-1])
     return {

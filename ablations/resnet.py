@@ -1,4 +1,12 @@
-"""The CIFAR residual network: stem, three stages of units, head. One builder for every variant.
+"""The residual network: stem, stages of units, head. One builder for every variant, on either plan.
+
+The plan (spec.plan, picked by the dataset) decides only the stem and the stage layout; every stage is
+built from the same ResidualUnit:
+- `cifar`: conv3×3 → three stages of n units (He et al. 2015, §4.2);
+- `imagenet`: conv7×7/2 → BN-ReLU → max-pool 3×3/2 → four stages (He et al. 2015, Table 1), the stem the
+  same for every placement (fb.resnet.torch resnet.lua and preresnet.lua). The unit keeps its stride on
+  F's first convolution, as the original models: 3.8 GMACs for ResNet-50, 11.3 for ResNet-152 (He et al.
+  2015, Table 1). fb.resnet.torch and torchvision stride the 3×3 instead: the same parameters, more MACs.
 
 `groups=k` builds k independent copies of the network as one (see units.py): the input is the copies'
 images stacked on the channel axis, [B, k·C, H, W], and the output their logits side by side,
@@ -17,10 +25,11 @@ from .units import EXPANSION, PLACEMENTS, ResidualUnit, conv, tokens_to_modules
 
 
 class ResNet(nn.Module):
-    """conv3×3 → 3 stages of n units (stride 2 at stages 2 and 3) → [final activation] → pool → linear.
+    """stem → stages of units (stride 2 at the start of every stage but the first) → [final activation] →
+    pool → linear.
 
-    Stage output widths: w, 2w, 4w for the basic block; 4w, 8w, 16w for the bottleneck (inner widths
-    w, 2w, 4w), w = spec.width (16 in the papers).
+    Stage output widths: w·2^s for the basic and single blocks, 4w·2^s for the bottleneck (inner widths
+    w·2^s), w = spec.width (16 in the CIFAR papers, 64 on ImageNet).
     """
 
     def __init__(self, spec: ModelSpec, groups: int = 1):
@@ -28,18 +37,25 @@ class ResNet(nn.Module):
         self.spec, self.groups = spec, groups
         placement = PLACEMENTS[spec.unit]
         w = spec.width
-        # Pre-activation nets start with a bare convolution: the first unit activates it before the
-        # split. The others use the original conv-BN-ReLU stem.
-        stem: list[nn.Module] = [conv(spec.in_channels, w, 3, groups=groups)]
-        if not placement.leading:
-            stem += tokens_to_modules(("bn", "relu"), w, groups)
+        imagenet = spec.plan == "imagenet"
+        if imagenet:
+            # The first unit then reads an activated input and has no leading activation ('no_preact').
+            stem: list[nn.Module] = [conv(spec.in_channels, w, 7, 2, groups=groups),
+                                     *tokens_to_modules(("bn", "relu"), w, groups), nn.MaxPool2d(3, 2, 1)]
+        else:
+            # Pre-activation nets start with a bare convolution: the first unit activates it before the
+            # split. The others use the original conv-BN-ReLU stem.
+            stem = [conv(spec.in_channels, w, 3, groups=groups)]
+            if not placement.leading:
+                stem += tokens_to_modules(("bn", "relu"), w, groups)
         self.stem = nn.Sequential(*stem)
         units, in_ch = [], w
-        for stage in range(3):
+        for stage, count in enumerate(spec.stages):
             out_ch = w * (2 ** stage) * EXPANSION[spec.block]
-            for i in range(spec.n):
+            for i in range(count):
                 stride = 2 if stage > 0 and i == 0 else 1
-                units.append(ResidualUnit(in_ch, out_ch, stride, spec, first=not units, groups=groups))
+                units.append(ResidualUnit(in_ch, out_ch, stride, spec, first=not units, groups=groups,
+                                          activated=imagenet and not units))
                 in_ch = out_ch
         self.units = nn.Sequential(*units)
         # After the last addition, pre-activation nets apply their activation once more before pooling

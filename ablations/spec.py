@@ -8,21 +8,30 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-from .vocabulary import excerpt
+from .vocabulary import DATASET_SHAPES, excerpt
 
 # Activation placements of Fig. 4 (a)-(e).
 UNITS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact")
 # Shortcut types of Fig. 2 (a)-(f); `dropout` is the paper's (a keep-mask, expectation 1 − p on the shortcut),
 # `inverted_dropout` the common rescaled form (expectation 1), kept as a separate network.
 SHORTCUTS = ("identity", "scale", "exclusive_gate", "shortcut_gate", "conv1x1", "dropout", "inverted_dropout")
-BLOCKS = ("basic", "bottleneck")
+# `single`: one 3×3 convolution in F, the "1-layer skip" ResNet-110 of Table 3.
+BLOCKS = ("basic", "bottleneck", "single")
 # Depths named by the papers, with the block they used: He et al. 2015 (basic) and 2016 (bottleneck).
 PAPER_DEPTHS = {20: "basic", 32: "basic", 44: "basic", 56: "basic", 110: "basic", 1202: "basic",
                 164: "bottleneck", 1001: "bottleneck"}
-# Convolutions per unit and the depth formula's multiplier: basic 6n+2, bottleneck 9n+2.
-LAYERS_PER_UNIT = {"basic": 2, "bottleneck": 3}
+# Convolutions per unit and the depth formula's multiplier: single 3n+2, basic 6n+2, bottleneck 9n+2.
+LAYERS_PER_UNIT = {"basic": 2, "bottleneck": 3, "single": 1}
+# Network plans. `cifar`: conv3×3 stem, three stages of n units (He et al. 2015, §4.2). `imagenet`: conv7×7/2
+# stem and 3×3/2 max-pool, four stages whose unit counts a table of depths gives (He et al. 2015, Table 1;
+# fb.resnet.torch resnet.lua and preresnet.lua): depth → (block, units per stage).
+IMAGENET_STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
+                   101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3)),
+                   200: ("bottleneck", (3, 24, 36, 3))}
+# The network plan each dataset takes (the rest take `cifar`).
+DATASET_PLANS = {"imagenet": "imagenet"}
 
 # Fields that only mean something for one shortcut type; setting them elsewhere is a mistake.
 SHORTCUT_FIELDS = {"shortcut_scale": ("scale",), "residual_scale": ("scale",),
@@ -50,22 +59,43 @@ def _choice(field: str, value: str, choices) -> str:
 
 
 def units_per_stage(depth: int, block: str) -> int:
-    """n of the depth formula (6n+2 basic, 9n+2 bottleneck), or SpecError when the depth does not fit."""
+    """n of the depth formula (3n+2 single, 6n+2 basic, 9n+2 bottleneck), or SpecError when the depth does not fit."""
     per = 3 * LAYERS_PER_UNIT[block]
     if depth < per + 2 or (depth - 2) % per:
+        examples = [str(d) for d, b in PAPER_DEPTHS.items() if b == block] or ["110"]
         raise SpecError(f"depth {depth} does not fit block {block!r}: it must be {per}n+2 with n >= 1 "
-                        f"(e.g. {', '.join(str(d) for d, b in PAPER_DEPTHS.items() if b == block)})")
+                        f"(e.g. {', '.join(examples)})")
     return (depth - 2) // per
 
 
+def omit_at_defaults(*names: str):
+    """A wrap serializer for a configuration model that leaves `names` out of its dump while they hold their
+    defaults: fields added after trial keys were first made, so every earlier configuration keeps its trial
+    key (a hash of the dump) and its checkpoints (which hold the dump)."""
+    def serialize(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        for name in names:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                data.pop(name, None)
+        return data
+    return model_serializer(mode="wrap")(serialize)
+
+
+def dataset_model_fields(dataset: str) -> dict[str, Any]:
+    """The model fields a dataset decides: input channels, classes and the network plan."""
+    channels, _, classes = DATASET_SHAPES[_choice("dataset", dataset, DATASET_SHAPES)]
+    return {"in_channels": channels, "num_classes": classes, "plan": DATASET_PLANS.get(dataset, "cifar")}
+
+
 class ModelSpec(BaseModel):
-    """One residual network: any placement × any shortcut × either block, at any fitting depth."""
+    """One residual network: any placement × any shortcut × any block, at any fitting depth, on either plan."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     depth: int = Field(ge=8, le=5000)
-    block: Literal["basic", "bottleneck"] | None = None
-    width: int = Field(16, ge=1, le=1024, description="stem width; stages are width × 1, 2, 4")
+    block: Literal["basic", "bottleneck", "single"] | None = None
+    width: int | None = Field(None, ge=1, le=1024, description="stem width (default 16 on the cifar plan, 64 on "
+                              "imagenet); stage inner widths are width × 1, 2, 4 (, 8)")
     unit: str = "original"
     shortcut: str = "identity"
     shortcut_scale: float = Field(1.0, ge=0.0, le=4.0, description="λ on h(x) (Fig. 2b)")
@@ -75,18 +105,29 @@ class ModelSpec(BaseModel):
     downsample: Literal["A", "B"] | None = None
     in_channels: int = Field(3, ge=1, le=64)
     num_classes: int = Field(10, ge=2, le=100000)
+    plan: Literal["cifar", "imagenet"] = Field("cifar", description="stem and stages; the dataset picks it")
 
     @model_validator(mode="after")
     def _resolve(self) -> "ModelSpec":
         _choice("unit", self.unit, UNITS)
         _choice("shortcut", self.shortcut, SHORTCUTS)
         block = self.block
-        if block is None:
+        if self.plan == "imagenet":
+            if self.depth not in IMAGENET_STAGES:
+                raise SpecError(f"depth {self.depth} has no ImageNet plan; choose one of: "
+                                f"{', '.join(f'{d} ({b})' for d, (b, _) in IMAGENET_STAGES.items())}")
+            planned = IMAGENET_STAGES[self.depth][0]
+            if block not in (None, planned):
+                raise SpecError(f"the ImageNet ResNet-{self.depth} uses block {planned!r}, not {block!r}")
+            block = planned
+        elif block is None:
             if self.depth not in PAPER_DEPTHS:
                 raise SpecError(f"depth {self.depth} is not one the papers name "
-                                f"({', '.join(map(str, PAPER_DEPTHS))}): say block 'basic' or 'bottleneck'")
+                                f"({', '.join(map(str, PAPER_DEPTHS))}): say block 'basic', 'bottleneck' or "
+                                f"'single'")
             block = PAPER_DEPTHS[self.depth]
-        units_per_stage(self.depth, block)
+        else:
+            units_per_stage(self.depth, block)
         for field, shortcuts in SHORTCUT_FIELDS.items():
             # Only a non-default value is a mistake: a dumped spec carries every field.
             changed = getattr(self, field) != type(self).model_fields[field].default
@@ -95,14 +136,23 @@ class ModelSpec(BaseModel):
                                 f"not {self.shortcut!r}")
         # Frozen model: resolved defaults are written through object.__setattr__ once, here.
         object.__setattr__(self, "block", block)
+        if self.width is None:
+            object.__setattr__(self, "width", 64 if self.plan == "imagenet" else 16)
         if self.downsample is None:
-            # A for basic (the original CIFAR ResNets), B for bottleneck (the pre-activation reference code).
-            object.__setattr__(self, "downsample", "A" if block == "basic" else "B")
+            # A for the CIFAR plan's single and basic blocks (the original CIFAR ResNets), B for bottlenecks
+            # (the pre-activation reference code) and on ImageNet (fb.resnet.torch's default there).
+            object.__setattr__(self, "downsample", "A" if self.plan == "cifar" and block != "bottleneck" else "B")
         return self
 
+    # Fields added after trial keys were first made, left out of the dump at their defaults.
+    _later = omit_at_defaults("plan")
+
     @property
-    def n(self) -> int:
-        return units_per_stage(self.depth, self.block)
+    def stages(self) -> tuple[int, ...]:
+        """Units per stage: the ImageNet table's four, or the depth formula's n in each of three."""
+        if self.plan == "imagenet":
+            return IMAGENET_STAGES[self.depth][1]
+        return (units_per_stage(self.depth, self.block),) * 3
 
     @property
     def preact(self) -> bool:
@@ -233,13 +283,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dropout-0.5": dict(shortcut="dropout", dropout=0.5),
     # Not in the paper: inverted dropout (identity at evaluation), to show the paper's form is what fails.
     "inverted_dropout-0.5": dict(shortcut="inverted_dropout", dropout=0.5),
+    # Table 3: the "1-layer skip" ResNet-110, one 3×3 convolution in F (depth 3n+2), before and after.
+    "original-1layer": dict(unit="original", block="single"),
+    "full_preact-1layer": dict(unit="full_preact", block="single"),
 }
 FIGURES = {"original": "Fig. 2(a) / 4(a)", "bn_after_add": "Fig. 4(b)", "relu_before_add": "Fig. 4(c)",
            "relu_only_preact": "Fig. 4(d)", "full_preact": "Fig. 4(e)", "scale-0": "Fig. 2(b)",
            "scale-0.5": "Fig. 2(b)", "scale-0.5-0.5": "Fig. 2(b)", "exclusive_gate-b0": "Fig. 2(c)",
            "exclusive_gate-b-6": "Fig. 2(c)", "exclusive_gate-b-7": "Fig. 2(c)",
            "shortcut_gate-b0": "Fig. 2(d)", "shortcut_gate-b-6": "Fig. 2(d)", "conv1x1": "Fig. 2(e)",
-           "dropout-0.5": "Fig. 2(f)", "inverted_dropout-0.5": "Fig. 2(f), inverted (not in the paper)"}
+           "dropout-0.5": "Fig. 2(f)", "inverted_dropout-0.5": "Fig. 2(f), inverted (not in the paper)",
+           "original-1layer": "Table 3 (1-layer skip)", "full_preact-1layer": "Table 3 (1-layer skip)"}
 MODEL_FIELDS = tuple(name for name in ModelSpec.model_fields if name not in ("depth",))
 
 

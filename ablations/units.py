@@ -1,7 +1,8 @@
 """Residual units built from data: an activation placement (Fig. 4) times a shortcut (Fig. 2).
 
 A placement is a token pattern around each convolution of the residual branch F and after the addition;
-one ResidualUnit class reads it, for the basic (3×3, 3×3) and bottleneck (1×1, 3×3, 1×1) blocks alike.
+one ResidualUnit class reads it, for the basic (3×3, 3×3), bottleneck (1×1, 3×3, 1×1) and single (3×3)
+blocks alike.
 Shortcuts differ in structure only twice: a plain path h(x) = λ·P(x) and a gated one; each is one class.
 
 Every module also takes `groups` (default 1): k independent copies of itself side by side, as channel
@@ -174,31 +175,34 @@ def make_shortcut(in_ch: int, out_ch: int, stride: int, spec: ModelSpec, groups:
 
 
 # Block structure: kernel sizes of F and the width of its inner layers relative to the unit's output.
-BLOCK_KERNELS = {"basic": (3, 3), "bottleneck": (1, 3, 1)}
-EXPANSION = {"basic": 1, "bottleneck": 4}
+BLOCK_KERNELS = {"basic": (3, 3), "bottleneck": (1, 3, 1), "single": (3,)}
+EXPANSION = {"basic": 1, "bottleneck": 4, "single": 1}
 
 
 class ResidualUnit(nn.Module):
     """x_{l+1} = f(h(x_l) + F(x_l)), with F, h and f read from the placement and the shortcut spec.
 
-    One signature for every unit (in_ch, out_ch, stride, spec, first, groups). `shared` holds the leading
-    activation when it is applied before the split, feeding both paths: in the network's first unit
+    One signature for every unit (in_ch, out_ch, stride, spec, first, groups, activated). `shared` holds the
+    leading activation when it is applied before the split, feeding both paths: in the network's first unit
     (the activation right after conv1) and in every unit that changes shape, as in the reference code.
+    `activated`: the input is already activated (the ImageNet stem ends in BN-ReLU and max-pool), so the
+    unit has no leading activation at all (fb.resnet.torch preresnet.lua, the first unit's 'no_preact').
     """
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, spec: ModelSpec, first: bool = False, groups: int = 1):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, spec: ModelSpec, first: bool = False, groups: int = 1,
+                 activated: bool = False):
         super().__init__()
         placement = PLACEMENTS[spec.unit]
         kernels = BLOCK_KERNELS[spec.block]
         mid = out_ch // EXPANSION[spec.block]
-        share = bool(placement.leading) and (first or stride != 1 or in_ch != out_ch)
+        share = bool(placement.leading) and not activated and (first or stride != 1 or in_ch != out_ch)
         self.shared = nn.Sequential(*tokens_to_modules(placement.leading, in_ch, groups)) if share else nn.Identity()
         widths = [mid] * (len(kernels) - 1) + [out_ch]
         layers: list[nn.Module] = []
         channels = in_ch
         for i, (kernel, width) in enumerate(zip(kernels, widths)):
             tokens = placement.last if i == len(kernels) - 1 else placement.layer
-            if i == 0 and share:
+            if i == 0 and (share or activated):
                 tokens = tokens[len(placement.leading):]
             # The stride sits on F's first convolution (resnet-pre-act.lua; the basic block has no choice).
             at = tokens.index("conv")

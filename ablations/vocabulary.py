@@ -36,15 +36,24 @@ ENDED = ("finished", "diverged", "error")  # ended with a run behind it: a resul
 MEASURED = ("finished", "diverged")        # ended with a result: a diverged run was still evaluated
 
 # What a comparison may be made on: a trial's final values, stored as result columns (errors in %).
-METRICS = ("test_error", "train_loss", "train_error")
+# test_error is the top-1 error; test_error_top5, the top-5 error, is reported on ImageNet-style data only.
+METRICS = ("test_error", "test_error_top5", "train_loss", "train_error")
 # What a trial's history records hold at its log points, and so what its MLflow run holds, step by step.
-HISTORY_METRICS = ("train_loss", "train_error", "test_error", "test_loss", "lr", "img_per_s")
+# ImageNet-style trials add the top-5 error, and the second evaluation crop's errors and loss under the
+# crop's name (workers/imagefolder.py).
+HISTORY_METRICS = ("train_loss", "train_error", "test_error", "test_loss", "lr", "img_per_s", "test_error_top5",
+                   "test_error_224", "test_error_top5_224", "test_loss_224")
 
 # Input channels, image size and classes per dataset: the stem and classifier follow the data.
 DATASET_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "fashion-mnist": (1, 28, 10),
-                  "synthetic": (3, 32, 10)}
-# Test-set sizes: the binomial sampling error of a test error is sqrt(p(1 − p) / N_test).
-TEST_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "fashion-mnist": 10_000, "synthetic": 1_000}
+                  "synthetic": (3, 32, 10), "imagenet": (3, 224, 1000)}
+# Training-set sizes: an epoch-based recipe becomes iterations with these (ILSVRC-2012: 1,281,167 images).
+DATASET_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_000, "synthetic": 5_000,
+                 "imagenet": 1_281_167}
+# Test-set sizes: the binomial sampling error of a test error is sqrt(p(1 − p) / N_test) (ILSVRC-2012: the
+# 50,000 validation images the paper reports on).
+TEST_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "fashion-mnist": 10_000, "synthetic": 1_000,
+              "imagenet": 50_000}
 
 
 def check_dataset(name: str) -> str:

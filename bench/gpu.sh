@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU throughput of ResNet-110: naive loop, Ablate's fast path, fused seeds k=4 and 8, and the projected
-# GPU-hours of the paper's Table 2 (bench/gpu.py says what each variant is). One script for a fresh GPU
-# machine that reaches no network, run from a copy of this repository; about 8 minutes at most.
+# GPU-hours of the paper's Table 2 (bench/gpu.py says what each variant is). On a machine with several GPUs,
+# first one trial split over one rank per GPU against the same global batch on one GPU (bench/workers.py).
+# One script for a fresh GPU machine that reaches no network, run from a copy of this repository; about 8
+# minutes at most.
 #
 #   bash bench/gpu.sh                          # on the GPU machine, from the repository root
 #   PIP_NO_INDEX=1 bash bench/gpu.sh --quick --device cpu   # the same steps as a smoke run, anywhere
@@ -62,6 +64,17 @@ else
   echo "setup: editable install failed ($(tail -n 1 /tmp/ablate-bench-pip.log)); running from the repository root"
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+# Several GPUs: ResNet-110 at 64 images per GPU (the paper's per-GPU batch on CIFAR) split over one rank per
+# GPU (DistributedDataParallel over NCCL, BN per GPU), against the same global batch on one GPU. Eager, so no
+# compile time; at most a third of the time left, and the single-GPU bench below still runs.
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${GPUS:-0}" -ge 2 ]; then
+  BUDGET=$(( (TOTAL - (SECONDS - START)) / 3 ))
+  echo "multi-GPU: ResNet-110, global batch $((64 * GPUS)) on 1 GPU and on $GPUS ranks, at most $BUDGET s"
+  PYTHONUNBUFFERED=1 timeout "$BUDGET" "$PY" bench/workers.py --device cuda --workers "$GPUS" --depth 110 \
+    --batch $((64 * GPUS)) --threads "$(nproc)" || echo "multi-GPU: no result within $BUDGET s"
+fi
 
 LEFT=$((TOTAL - (SECONDS - START) - 25))  # 25 s for the report and the processes to exit
 echo "setup took $((SECONDS - START)) s; measuring for at most $LEFT s"

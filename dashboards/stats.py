@@ -70,7 +70,7 @@ import pandas as pd
 import pyarrow as pa
 from scipy import stats
 
-from ablations.paper import FAIL_THRESHOLD, paper_value
+from ablations.paper import FAIL_THRESHOLD, PAPER_METRICS, paper_value
 from ablations.spec import excerpt
 from ablations.vocabulary import ENDED, MEASURED, METRICS, STATUSES, TEST_SIZES
 
@@ -82,7 +82,7 @@ KEYS = [*SETTING_KEYS, "variant"]
 RESULTS_SCHEMA = pa.schema([("dataset", pa.string()), ("depth", pa.int64()), ("variant", pa.string()),
                             ("seed", pa.int64()), ("status", pa.string()), ("test_error", pa.float64()),
                             ("train_loss", pa.float64()), ("train_error", pa.float64()),
-                            ("test_size", pa.int64()), ("precision", pa.string())])
+                            ("test_size", pa.int64()), ("precision", pa.string()), ("test_error_top5", pa.float64())])
 
 # Mean CIs use Student's t below this many values and a BCa bootstrap from it on (the t-interval leans on
 # normality, which small samples cannot check; the bootstrap needs enough values to resample).
@@ -108,7 +108,7 @@ def results_to_arrow(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Ta
 
 
 def _reference(paper: PaperLookup, setting: tuple[str, int] | None, variant: str, metric: str) -> dict[str, Any]:
-    if setting is None or metric != "test_error":
+    if setting is None or metric not in PAPER_METRICS:
         return {"paper_reference": None, "paper_reference_setting": None}
     value = paper(setting[0], setting[1], variant)
     return {"paper_reference": value, "paper_reference_setting": None if value is None else f"{setting[0]}-{setting[1]}"}
@@ -117,13 +117,13 @@ def _reference(paper: PaperLookup, setting: tuple[str, int] | None, variant: str
 def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, baseline: str,
             metric: str = "test_error", alpha: float = 0.05, delta: float = 0.2,
             fail_threshold: float = FAIL_THRESHOLD, variant_order: list[str] | None = None,
-            paper: PaperLookup = paper_value, paper_reference: tuple[str, int] | None = None,
+            paper: PaperLookup | None = None, paper_reference: tuple[str, int] | None = None,
             design: str = DEFAULT_DESIGN) -> list[dict[str, Any]]:
     """One JSON-ready row per cell, settings sorted by (dataset, depth), variants in `variant_order`
     (unlisted ones after, by name; without an order: the baseline first, then by name).
 
-    `delta` is the equivalence margin in the metric's units; `paper` gives the paper's figure for a cell
-    (test errors only, so rows carry it only when `metric` is `test_error`). `paper_reference` (dataset,
+    `delta` is the equivalence margin in the metric's units; `paper` gives the paper's figure for a cell in
+    that metric (default: ablations.paper's; test errors only, top-1 or top-5). `paper_reference` (dataset,
     depth) names the paper's setting a CPU-scale grid stands in for: rows then also carry the paper's figure
     for their variant there as `paper_reference`, with `paper_reference_setting`, never as `paper`.
     `design`: `paired` (by seed) or `welch` (independent samples); see the module docstring.
@@ -131,6 +131,7 @@ def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, base
     if design not in DESIGNS:
         raise ValueError(f"unknown design {excerpt(design)}; choose one of: {', '.join(DESIGNS)}")
     frame = _frame(results, metric)
+    paper = paper or (lambda dataset, depth, variant: paper_value(dataset, depth, variant, metric))
     if frame.empty:
         return []
     if baseline not in set(frame["variant"]):
@@ -153,7 +154,7 @@ def compare(results: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table, base
                                **_describe(x), **_mean_interval(x.to_numpy(), alpha),
                                **_test_error_se(x, sizes.get(cell), dataset, metric),
                                **_NO_COMPARISON,
-                               "paper": paper(dataset, int(depth), variant) if metric == "test_error" else None,
+                               "paper": paper(dataset, int(depth), variant) if metric in PAPER_METRICS else None,
                                **_reference(paper, paper_reference, variant, metric),
                                "seeds": sorted(int(s) for s in x.index), "sequential": None,
                                "precision": precisions.get(cell)}
@@ -306,8 +307,9 @@ def _describe(x: pd.Series) -> dict[str, Any]:
 
 
 def _test_error_se(x: pd.Series, size: float | None, dataset: str, metric: str) -> dict[str, Any]:
-    """The binomial sampling error of the cell's mean test error from the test set's size, in points."""
-    if metric != "test_error" or x.empty or size is None or not np.isfinite(size):
+    """The binomial sampling error of the cell's mean test error (top-1 or top-5) from the test set's size,
+    in points."""
+    if metric not in PAPER_METRICS or x.empty or size is None or not np.isfinite(size):
         return {"test_size": int(size) if size is not None and np.isfinite(size) else TEST_SIZES.get(dataset),
                 "test_se": None}
     p = min(max(float(x.mean()) / 100, 0.0), 1.0)

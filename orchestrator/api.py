@@ -18,7 +18,7 @@ from dashboards import DEFAULT_DESIGN, DESIGNS
 from dashboards.pages import render_index
 
 from .grids import GridError, GridSpec, expand_grid, parse_grid_text
-from .results import BadRequest, NotFound, comparison, grid_status, seed_plan
+from .results import METRICS, BadRequest, NotFound, comparison, grid_status, seed_plan
 from .service import GridService
 
 MAX_BODY_BYTES = 1_000_000

@@ -57,9 +57,10 @@ def add_model_options(p: argparse.ArgumentParser, depth_required: bool = False) 
     g = p.add_argument_group("model")
     g.add_argument("--variant", choices=sorted(VARIANTS), metavar="NAME",
                    help="start from a catalogue variant (see `ablate models`); other options override it")
-    g.add_argument("--depth", type=int, required=depth_required, help="6n+2 (basic) or 9n+2 (bottleneck)")
+    g.add_argument("--depth", type=int, required=depth_required,
+                   help="6n+2 (basic), 9n+2 (bottleneck) or 3n+2 (single); on imagenet 18, 34, 50, 101, 152, 200")
     g.add_argument("--block", choices=BLOCKS)
-    g.add_argument("--width", type=int, help="stem width (default 16)")
+    g.add_argument("--width", type=int, help="stem width (default 16; 64 on imagenet)")
     g.add_argument("--unit", metavar="U", help=f"activation placement: {', '.join(UNITS)}")
     g.add_argument("--shortcut", metavar="S", help=f"shortcut: {', '.join(SHORTCUTS)}")
     g.add_argument("--shortcut-scale", type=float, help="λ on the shortcut (shortcut=scale)")
@@ -67,7 +68,8 @@ def add_model_options(p: argparse.ArgumentParser, depth_required: bool = False) 
     g.add_argument("--gate-bias", type=float, help="initial gate bias b_g (gated shortcuts)")
     g.add_argument("--dropout", type=float, help="drop ratio on the shortcut (shortcut=dropout)")
     g.add_argument("--downsample", choices=("A", "B"), help="A: zero-padded identity, B: 1×1 projection")
-    g.add_argument("--dataset", choices=tuple(DATASET_SHAPES), default="cifar10")
+    g.add_argument("--dataset", choices=tuple(DATASET_SHAPES), default="cifar10",
+                   help="also picks the input shape, the classes and the stem and stages (imagenet)")
 
 
 MODEL_OPTIONS = ("depth", "block", "width", "unit", "shortcut", "shortcut_scale", "residual_scale", "gate_bias",
@@ -75,12 +77,12 @@ MODEL_OPTIONS = ("depth", "block", "width", "unit", "shortcut", "shortcut_scale"
 
 
 def model_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The model spec fields the user gave (unset options stay unset, so defaults stay the spec's)."""
-    from ablations.spec import variant_fields
+    """The model spec fields the user gave (unset options stay unset, so defaults stay the spec's), and
+    those the dataset decides."""
+    from ablations.spec import dataset_model_fields, variant_fields
     fields = variant_fields(args.variant) if args.variant else {}
     fields.update({k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None})
-    channels, _, classes = DATASET_SHAPES[args.dataset]
-    fields.update(in_channels=channels, num_classes=classes)
+    fields.update(dataset_model_fields(args.dataset))
     return fields
 
 
@@ -100,7 +102,8 @@ def cmd_models(args: argparse.Namespace) -> Any:
     # The paper's "1.7M" and "10.2M" count convolutions and the classifier, not BN's affine weights.
     bn = sum(p.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
     params = count_params(model)
-    return {**spec.model_dump(), "dataset": args.dataset, "variant": args.variant, "units": 3 * spec.n,
+    return {**spec.model_dump(), "plan": spec.plan, "dataset": args.dataset, "variant": args.variant,
+            "stages": list(spec.stages), "units": sum(spec.stages),
             "params": params, "params_without_bn": params - bn,
             "macs": count_macs(model, DATASET_SHAPES[args.dataset][1])}
 
@@ -123,13 +126,14 @@ def cmd_probe(args: argparse.Namespace) -> Any:
 
 
 def recipe_overrides(args: argparse.Namespace):
-    """The recipe named by --recipe with --set FIELD=VALUE on top; --iterations K is `--set iterations=K`
-    (the schedule stretched to K iterations, as `iterations` in a grid's recipe)."""
-    from workers.recipes import parse_override, resolve_recipe
+    """The recipe named by --recipe with --set FIELD=VALUE on top (epochs counted over the dataset's training
+    set, or --subset); --iterations K is `--set iterations=K` (the schedule stretched to K iterations, as
+    `iterations` in a grid's recipe)."""
+    from workers.recipes import parse_override, resolve_recipe, training_size
     overrides = dict(parse_override(item) for item in args.set)
     if args.iterations:
         overrides["iterations"] = args.iterations
-    return resolve_recipe(args.recipe, overrides)
+    return resolve_recipe(args.recipe, overrides, train_size=training_size(args.dataset, args.subset))
 
 
 def cmd_train(args: argparse.Namespace) -> Any:
@@ -142,14 +146,22 @@ def cmd_train(args: argparse.Namespace) -> Any:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     from workers.checkpoint import CheckpointError
+    from workers.launch import LaunchError, run_workers
     from workers.sinks import JsonLinesSink
     from workers.trainer import run_trial, trial_config
-    fields = {k: v for k, v in model_fields(args).items() if k not in ("in_channels", "num_classes")}
-    config = trial_config(fields, args.dataset, recipe_overrides(args), args.seed, subset=args.subset)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be positive, got {args.workers}")
+    fields = {k: v for k, v in model_fields(args).items() if k not in ("in_channels", "num_classes", "plan")}
+    config = trial_config(fields, args.dataset, recipe_overrides(args), args.seed, subset=args.subset,
+                          workers=args.workers)
     try:
-        result = run_trial(config, checkpoint_dir=args.checkpoint_dir, sink=JsonLinesSink(sys.stderr),
-                           threads=args.threads, device=args.device, data_dir=args.data_dir)
-    except CheckpointError as exc:
+        if args.workers > 1:
+            result = run_workers(config, checkpoint_dir=args.checkpoint_dir, threads=args.threads, device=args.device,
+                                 data_dir=args.data_dir, log=True)
+        else:
+            result = run_trial(config, checkpoint_dir=args.checkpoint_dir, sink=JsonLinesSink(sys.stderr),
+                               threads=args.threads, device=args.device, data_dir=args.data_dir)
+    except (CheckpointError, LaunchError) as exc:
         raise UsageError(str(exc)) from None
     return {k: v for k, v in result.items() if k != "history"}
 
@@ -297,6 +309,14 @@ def cmd_cancel(args: argparse.Namespace) -> Any:
     store = _store()
     row = _find_grid(store, args.grid)
     return {"grid": row.id, "cancelled_queued": store.cancel_grid(row.id), **store.counts(row.id)}
+
+
+def cmd_data(args: argparse.Namespace) -> Any:
+    from workers.fetch import fetch_dataset
+    out = fetch_dataset(args.dataset, args.dir)
+    print(f"{args.dataset}: {'downloaded into' if out['downloaded'] else 'already in'} {out['folder']}; "
+          f"runs read it with {out['use']} (or a grid's data_dir)", file=sys.stderr)
+    return out
 
 
 def cmd_grids(args: argparse.Namespace) -> Any:
@@ -462,7 +482,7 @@ def print_human(name: str, result: Any) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "models": cmd_models, "probe": cmd_probe, "train": cmd_train, "run": cmd_run, "status": cmd_status,
     "cancel": cmd_cancel, "grids": cmd_grids, "compare": cmd_compare, "submit": cmd_submit, "serve": cmd_serve,
-    "report": cmd_report, "tune": cmd_tune, "plan": cmd_plan}
+    "report": cmd_report, "tune": cmd_tune, "plan": cmd_plan, "data": cmd_data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -482,15 +502,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "one trial inline, no Ray; resumes from --checkpoint-dir when it holds a checkpoint")
     add_model_options(p, depth_required=True)
-    p.add_argument("--subset", type=int, help="first N training examples")
-    p.add_argument("--recipe", default="mini-cpu", help="bundled recipe: paper-cifar, mini-cpu, smoke")
+    p.add_argument("--subset", type=int, help="first N training examples (an epoch-based recipe counts these)")
+    p.add_argument("--recipe", default="mini-cpu",
+                   help="bundled recipe: paper-cifar, paper-imagenet, resnet1k-batch64, mini-cpu, smoke")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="recipe override")
     p.add_argument("--iterations", type=int, help="train for K iterations, the schedule rescaled to fit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from the newest")
     p.add_argument("--data-dir", help="datasets root, an absolute path as a grid's data_dir (default $ABLATE_DATA_DIR)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores; per worker: the cores shared out)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present; cuda with --workers: one "
+                   "GPU per worker)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="split each batch over N worker processes on this machine (DistributedDataParallel; BN "
+                   "per worker); part of the trial's identity")
 
     p = command("run", "run a grid to completion on RAY_ADDRESS or a local Ray; the same command resumes")
     p.add_argument("grid", help="a grid file (YAML or JSON) or a bundled grid name (`ablate grids`)")
@@ -517,7 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid")
     p.add_argument("-o", "--output", help="write to FILE (default: GRID.html)")
     p.add_argument("--mlflow-url", help="MLflow UI base URL for links")
-    command("grids", "bundled grids: the paper's Tables 1-3 and CPU-scale versions")
+    command("grids", "bundled grids: the paper's Tables 1-5 and CPU-scale versions")
+    p = command("data", "download a public dataset with torchvision (MD5-checked) into the layout runs read")
+    p.add_argument("action", choices=("fetch",))
+    p.add_argument("dataset", help="fashion-mnist, cifar10 or cifar100")
+    p.add_argument("--dir", help="datasets root to write (default $ABLATE_DATA_DIR); runs read it as ABLATE_DATA_DIR")
     p = command("tune", "an Optuna study over recipe fields on a validation split; the same command resumes it")
     p.add_argument("spec", help="a tuning spec file (YAML or JSON); see README 'Tuning recipes'")
     p = command("compare", "the comparison table of a grid")

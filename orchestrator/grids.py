@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ablations.paper import GRIDS
-from ablations.spec import (MODEL_FIELDS, CatalogueVariant, SpecError, excerpt, load_yaml, make_spec,
-                            validate_mapping, variant_fields)
+from ablations.spec import (MODEL_FIELDS, CatalogueVariant, SpecError, dataset_model_fields, excerpt, load_yaml,
+                            make_spec, omit_at_defaults, raise_one_line, validate_mapping, variant_fields)
 from ablations.vocabulary import DATASET_SHAPES, DataDir, DatasetName
 
 NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
@@ -52,9 +52,21 @@ class VariantSpec(BaseModel):
 
 
 class Resources(BaseModel):
+    """What one trial asks of the cluster: `cpu` and `gpu` for each of its `workers`. One worker is a Ray
+    task; several are one Ray Train job whose ranks split each global batch (DistributedDataParallel)."""
     model_config = ConfigDict(extra="forbid")
     cpu: float = Field(1.0, gt=0, le=1024)
     gpu: float = Field(0.0, ge=0, le=64)
+    workers: int = Field(1, ge=1, le=4096, description="processes (devices) one trial trains on")
+
+    # Fields added after grid ids were first made, left out of the dump at their defaults.
+    _later = omit_at_defaults("workers")
+
+    @model_validator(mode="after")
+    def _one_device_per_rank(self) -> "Resources":
+        if self.workers > 1 and self.gpu not in (0, 1):
+            raise ValueError(f"gpu must be 0 or 1 with several workers (one device per rank), got {self.gpu:g}")
+        return self
 
 
 class GridSpec(BaseModel):
@@ -136,6 +148,10 @@ class GridSpec(BaseModel):
             raise ValueError(f"variant names repeat: {', '.join(dup)}")
         if self.baseline is not None and self.baseline not in names:
             raise ValueError(f"baseline {excerpt(self.baseline)} is not one of the variants: {', '.join(names)}")
+        if self.fuse_seeds > 1 and self.resources.workers > 1:
+            # Fusion fills one device with several small trials; several workers split one large trial.
+            raise ValueError("fuse_seeds and resources.workers above 1 exclude each other: fusing fills one "
+                             "device with several seeds, workers split one seed over several devices")
         return self
 
     def variant_names(self) -> list[str]:
@@ -233,8 +249,9 @@ def parse_grid_text(text: str) -> GridSpec:
 
 def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
                 max_trials: int | None = None) -> list[GridTrial]:
-    """Every (dataset, depth, variant, seed) as a resolved trial, checked before anything runs."""
-    from workers.recipes import RecipeError, resolve_recipe
+    """Every (dataset, depth, variant, seed) as a resolved trial, checked before anything runs. A recipe that
+    counts epochs resolves per dataset, over its training-set size (or `subset`)."""
+    from workers.recipes import RecipeError, resolve_recipe, training_size
     from workers.config import TrialConfig
 
     cap = max_trials or int(os.environ.get("ABLATE_MAX_TRIALS", DEFAULT_MAX_TRIALS))
@@ -244,29 +261,36 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
     if count > cap:
         raise GridError(f"the grid expands to {count} trials, more than the cap of {cap} (ABLATE_MAX_TRIALS)")
     recipes = {}
-    for name, recipe in spec.variant_recipes().items():
-        try:
-            recipes[name] = resolve_recipe(recipe, {"precision": spec.precision} if spec.precision else None,
-                                           tuned=tuned)
-        except RecipeError as exc:
-            raise GridError(f"recipe: {exc}" if recipe is spec.recipe else f"variants.{name}.recipe: {exc}") from None
+    for dataset in spec.datasets:
+        for name, recipe in spec.variant_recipes().items():
+            try:
+                recipes[dataset, name] = resolve_recipe(recipe, {"precision": spec.precision} if spec.precision
+                                                        else None, tuned=tuned,
+                                                        train_size=training_size(dataset, spec.subset))
+            except RecipeError as exc:
+                raise GridError(f"recipe: {exc}" if recipe is spec.recipe
+                                else f"variants.{name}.recipe: {exc}") from None
+            if recipes[dataset, name].sync_bn and not spec.resources.gpu:
+                raise GridError("recipe: sync_bn needs GPUs (resources.gpu: 1): torch's SyncBatchNorm does not run "
+                                "on CPU")
     shared = {k: v for k, v in (("block", spec.block), ("width", spec.width)) if v is not None}
     trials = []
     for dataset in spec.datasets:
-        channels, _, classes = DATASET_SHAPES[dataset]
         for depth in spec.depths:
             for name, fields in variants.items():
                 unknown = set(fields) - set(MODEL_FIELDS)
                 if unknown:
                     raise GridError(f"variants.{name}: unknown model field {excerpt(sorted(unknown)[0])}")
                 try:
-                    model = make_spec(**{**shared, **fields, "depth": depth, "in_channels": channels,
-                                         "num_classes": classes})
+                    model = make_spec(**{**shared, **fields, "depth": depth, **dataset_model_fields(dataset)})
                 except SpecError as exc:
                     raise GridError(f"variants.{name} at depth {excerpt(depth)}: {exc}") from None
                 for seed in seeds:
-                    config = TrialConfig(model=model, dataset=dataset, subset=spec.subset, recipe=recipes[name],
-                                         seed=seed)
+                    try:
+                        config = TrialConfig(model=model, dataset=dataset, subset=spec.subset,
+                                             recipe=recipes[dataset, name], seed=seed, workers=spec.resources.workers)
+                    except ValidationError as exc:
+                        raise_one_line(exc, GridError, f"variants.{name}")
                     trials.append(GridTrial(dataset, depth, name, seed, config))
     return trials
 

@@ -3,7 +3,9 @@
 Not Ray Tune: measured here, Tune spent about 2.4 s per trial (efficiency 0.10 on 0.5 s trials) where
 plain tasks reached 0.99, and Tune cannot add seeds to a finished experiment. One Ray task per trial,
 each asking for the grid's resources (fractional GPUs let small trials share one); the driver keeps
-about two tasks per free slot in flight so a slot never waits on the driver.
+about two tasks per free slot in flight so a slot never waits on the driver. A trial on several workers
+(`resources.workers`) is a task too, one that holds nothing and runs the trial's Ray Train job
+(orchestrator/distributed.py).
 
 Crash safety comes from the state store: a trial runs only after an atomic claim, its checkpoints live
 under a path every node can read (`ABLATE_CHECKPOINT_DIR`, default $ABLATE_HOME/checkpoints), and a
@@ -25,9 +27,10 @@ from ablations.vocabulary import ACTIVE, ENDED, MEASURED
 from workers.sinks import NullSink
 
 from .cluster import ensure_ray
+from .distributed import execute_distributed
 from .grids import GridError, GridSpec, GridTrial, expand_grid
 from .state import STALE_AFTER_S, StateStore, ablate_home
-from .tracking import SYSTEM_METRICS_EVERY_S, MlflowSink, Tracker, dataset_inputs
+from .tracking import SYSTEM_METRICS_EVERY_S, Tracker, dataset_inputs, live_sink
 
 HEARTBEAT_EVERY_S = STALE_AFTER_S / 4
 CANCEL_CHECK_S = 1.0  # how often the loop asks the store whether the grid was cancelled
@@ -45,16 +48,6 @@ def checkpoint_root() -> Path:
     return Path(os.environ.get("ABLATE_CHECKPOINT_DIR") or ablate_home() / "checkpoints").resolve()
 
 
-def _live_sink(task: dict[str, Any], inputs: list[dict]) -> MlflowSink | None:
-    """The sink that starts a task's child run and streams to it: the task's run, or the one the driver makes
-    for it meanwhile (found by trial key); none for a task without MLflow."""
-    if not task.get("tracking_uri"):
-        return None
-    return MlflowSink(task["tracking_uri"], task.get("run_id"), inputs=inputs,
-                      system_metrics_s=task.get("system_metrics_s", SYSTEM_METRICS_EVERY_S),
-                      find=(task["experiment"], task["key"]) if task.get("key") else None)
-
-
 def execute_trial(task: dict[str, Any]) -> dict[str, Any]:
     """The Ray task body: one trial, streamed live to its MLflow child run when there is one."""
     return execute_group([task])[0]
@@ -68,7 +61,7 @@ def execute_group(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     configs = [TrialConfig.model_validate_json(t["config"]) for t in tasks]
     first = tasks[0]
     inputs = dataset_inputs(configs[0], first.get("data_dir"))  # the seeds of a cell share their data
-    sinks = [_live_sink(t, inputs) for t in tasks]
+    sinks = [live_sink(t, inputs) for t in tasks]
     results = run_trials(configs, checkpoint_dirs=[t["checkpoint_dir"] for t in tasks],
                          sinks=[s or NullSink() for s in sinks], threads=first["threads"], device=first["device"],
                          data_dir=first.get("data_dir"), time_limit_s=first.get("timeout_s"))
@@ -372,14 +365,18 @@ class _GridPass:
         self.waiting_on_others: set[str] = set()  # trials another owner held when this runner came to them
         self.executed = self.cancelled = 0
 
-        cpu, gpu = spec.resources.cpu, spec.resources.gpu
+        cpu, gpu, workers = spec.resources.cpu, spec.resources.gpu, spec.resources.workers
         options = dict(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_retries, retry_exceptions=False)
         self.remote = ray.remote(runner.trial_fn).options(**options)
+        if workers > 1:  # the job's ranks hold the resources; the task that starts it holds none
+            self.remote = ray.remote(execute_distributed).options(**{**options, "num_cpus": 0, "num_gpus": 0})
         self.remote_group = ray.remote(runner.group_fn).options(**options) if spec.fuse_seeds > 1 else None
         total = ray.cluster_resources()
-        self.slots = max(1, int(min(total.get("CPU", 1) / cpu, total.get("GPU", 0) / gpu if gpu else float("inf"))))
+        self.slots = max(1, int(min(total.get("CPU", 1) / (cpu * workers),
+                                    total.get("GPU", 0) / (gpu * workers) if gpu else float("inf"))))
         self.task_fields = {"threads": max(1, int(cpu)), "device": "cuda" if gpu > 0 else "cpu",
-                            "data_dir": spec.data_dir or runner.data_dir, "timeout_s": spec.timeout_s}
+                            "data_dir": spec.data_dir or runner.data_dir, "timeout_s": spec.timeout_s,
+                            "resources": {"cpu": cpu, "gpu": gpu, "workers": workers}}
         # Each attempt enforces its own time limit; this backstop only catches a task that never reports
         # back (queueing and Ray's retries after node loss are allowed for).
         self.backstop_s = spec.timeout_s * (spec.max_retries + 1) + QUEUE_SLACK_S if spec.timeout_s else None

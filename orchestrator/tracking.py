@@ -287,6 +287,16 @@ class MlflowSink(MetricsSink):
             stopper.join(timeout=max(0.0, deadline - time.time()))
 
 
+def live_sink(task: dict[str, Any], inputs: list[dict]) -> MlflowSink | None:
+    """The sink that starts a trial task's child run and streams to it: the task's run, or the one the
+    driver makes for it meanwhile (found by trial key); none for a task without MLflow."""
+    if not task.get("tracking_uri"):
+        return None
+    return MlflowSink(task["tracking_uri"], task.get("run_id"), inputs=inputs,
+                      system_metrics_s=task.get("system_metrics_s", SYSTEM_METRICS_EVERY_S),
+                      find=(task["experiment"], task["key"]) if task.get("key") else None)
+
+
 class Tracker:
     """Driver-side MLflow bookkeeping. Every call may raise when the server is unreachable; callers treat
     that as 'try again later' (see `sync`)."""
@@ -423,10 +433,11 @@ class Tracker:
         from mlflow.entities import Metric, RunTag
         client = self.client
         missing = []
-        for key in () if delivered or not result.get("history") else HISTORY_METRICS:
+        history = [] if delivered else result.get("history") or []
+        for key in [m for m in HISTORY_METRICS if any(m in h for h in history)]:  # one read per metric it holds
             have = {m.step for m in client.get_metric_history(run_id, key)}
             missing += [Metric(key, float(h[key]), _now_ms(), int(h["step"]))
-                        for h in result.get("history", []) if h.get(key) is not None and h["step"] not in have]
+                        for h in history if h.get(key) is not None and h["step"] not in have]
         if not delivered and result.get("status") == "diverged" and result.get("diverged_at") is not None:
             have = {m.step for m in client.get_metric_history(run_id, "test_error")}
             if result["diverged_at"] not in have:

@@ -87,6 +87,7 @@ def test_unknown_grids_and_questions(client):
     r = client.get(f"/grids/{grid_id}/comparison", params={"baseline": "nope"})
     assert r.status_code == 400 and "not a variant" in r.json()["detail"]
     assert client.get(f"/grids/{grid_id}/comparison", params={"metric": "accuracy"}).status_code == 422
+    assert client.get(f"/grids/{grid_id}/comparison", params={"metric": "test_error_top5"}).status_code == 200
 
 
 def test_bearer_token(service):

@@ -123,3 +123,5 @@ def test_grids_lists_the_paper_tables():
     by_name = {g["name"]: g for g in out["grids"]}
     assert by_name["table2"]["trials"] == 50 and by_name["table1"]["trials"] == 55
     assert by_name["mini-table2"]["dataset"] == "fashion-mnist"
+    assert by_name["table5"]["dataset"] == "imagenet" and by_name["table5"]["trials"] == 4
+    assert by_name["table5"]["recipe"] == "paper-imagenet" and by_name["table3-1layer"]["trials"] == 10

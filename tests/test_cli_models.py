@@ -21,6 +21,7 @@ def test_catalogue_json_lists_every_variant():
     (["--depth", "110"], 1_727_962),
     (["--depth", "164", "--unit", "full_preact"], 1_703_258),
     (["--depth", "20", "--dataset", "fashion-mnist"], 269_722 - 2 * 9 * 16),
+    (["--dataset", "imagenet", "--depth", "50", "--unit", "original"], 25_557_032),  # torchvision's ResNet-50
 ])
 def test_models_json_counts(args, params):
     r = ablate("models", *args, "--json")
@@ -39,6 +40,7 @@ def test_models_variant_option_and_override():
     (["--depth", "20", "--shortcut", "dropout", "--dropout", "1.5"], "dropout"),
     (["--depth", "20", "--shortcut", "scale", "--shortcut-scale", "9"], "shortcut_scale"),
     (["--unit", "full_preact"], "--depth"),
+    (["--dataset", "imagenet", "--depth", "110"], "depth 110 has no ImageNet plan; choose one of: 18 (basic)"),
 ])
 def test_bad_model_options_exit_2_with_one_line(args, needle):
     r = ablate("models", *args, "--json")

@@ -26,7 +26,7 @@ from tests import state_v1
 GRID = {"name": "g", "dataset": "synthetic", "subset": 256, "recipe": "smoke", "depths": [8], "block": "basic",
         "width": 4, "variants": ["original", "full_preact"], "seeds": 2}
 RESULT = {"status": "finished", "test_error": 12.5, "train_loss": 0.3, "train_error": 4.0, "history": [],
-          "test_size": 10000, "precision": "fp32"}
+          "test_size": 10000, "precision": "fp32", "test_error_top5": 3.5}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -385,6 +385,8 @@ def test_a_database_from_before_migrations_upgrades_in_place(url, tuned):
     assert table.column("test_error").to_pylist().count(12.5) == 1
     # Revision 0003 fills the new columns from the stored records.
     assert table.column("test_size").to_pylist().count(10000) == table.column("precision").to_pylist().count("fp32") == 1
+    # Revision 0005 fills the top-5 error from them too.
+    assert table.column("test_error_top5").to_pylist().count(3.5) == 1
     assert [a.outcome for a in store.attempts(trials[2].key)] == ["error"]
     assert store.tuned_recipes() == ({"lr": {"lr": 0.05}} if tuned else {})
     # The old rows follow the contract: the queued trial can be claimed, the finished one cannot.

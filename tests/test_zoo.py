@@ -11,21 +11,30 @@ import torch.nn.functional as F
 
 from ablations import (SHORTCUTS, UNITS, VARIANTS, SpecError, build_model, count_macs, count_params, make_spec,
                        probe_propagation)
+from ablations.spec import IMAGENET_STAGES, dataset_model_fields
 from ablations.units import GatedShortcut, PlainShortcut, ResidualUnit
 
-# n = 1: the smallest network of each block, narrow so the whole catalogue runs in seconds.
-SMALLEST = {"basic": 8, "bottleneck": 11}
+# n = 1: the smallest network of each block, narrow so the whole catalogue runs in seconds (single: n = 2, as
+# depth 8 is the least a spec takes). On the ImageNet plan: the smallest depth of each block.
+SMALLEST = {"basic": 8, "bottleneck": 11, "single": 8}
+IMAGENET_SMALLEST = {"basic": 18, "bottleneck": 50}
+IMAGENET = dataset_model_fields("imagenet")
 SHORTCUT_EXTRAS = {"scale": dict(shortcut_scale=0.5, residual_scale=0.5), "exclusive_gate": dict(gate_bias=-2.0),
                    "shortcut_gate": dict(gate_bias=-2.0), "dropout": dict(dropout=0.5),
                    "inverted_dropout": dict(dropout=0.5)}
 
 
-@pytest.mark.parametrize("block,downsample", [("basic", "A"), ("basic", "B"), ("bottleneck", "A"), ("bottleneck", "B")])
+@pytest.mark.parametrize("plan,block,downsample", [
+    ("cifar", "basic", "A"), ("cifar", "basic", "B"), ("cifar", "bottleneck", "A"), ("cifar", "bottleneck", "B"),
+    ("cifar", "single", "A"), ("imagenet", "basic", "A"), ("imagenet", "bottleneck", "B")])
 @pytest.mark.parametrize("unit,shortcut", list(itertools.product(UNITS, SHORTCUTS)))
-def test_every_combination_builds_and_trains_one_step(unit, shortcut, block, downsample):
+def test_every_combination_builds_and_trains_one_step(unit, shortcut, plan, block, downsample):
     torch.manual_seed(0)
-    model = build_model(depth=SMALLEST[block], block=block, downsample=downsample, width=4, unit=unit,
-                        shortcut=shortcut, **SHORTCUT_EXTRAS.get(shortcut, {}))
+    # The ImageNet plan on 32×32 images: its five halvings leave 1×1 before pooling.
+    shape = {"depth": IMAGENET_SMALLEST[block], **IMAGENET, "num_classes": 10} if plan == "imagenet" else \
+        {"depth": SMALLEST[block]}
+    model = build_model(**shape, block=block, downsample=downsample, width=4, unit=unit, shortcut=shortcut,
+                        **SHORTCUT_EXTRAS.get(shortcut, {}))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     before = copy.deepcopy(model.state_dict())
@@ -277,7 +286,7 @@ def test_bad_specs_name_the_problem(fields, needle):
 def test_defaults_follow_the_papers():
     assert make_spec(depth=110).block == "basic" and make_spec(depth=110).downsample == "A"
     assert make_spec(depth=164).block == "bottleneck" and make_spec(depth=164).downsample == "B"
-    assert make_spec(depth=29, block="bottleneck").n == 3
+    assert make_spec(depth=29, block="bottleneck").stages == (3, 3, 3)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -285,3 +294,116 @@ def test_catalogue_variants_build(name):
     model = build_model(variant=name, depth=8, block="basic", width=4)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert all(isinstance(u, ResidualUnit) for u in model.units)
+
+
+# --- the ImageNet plan and the 1-layer unit ---------------------------------------------------------------
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+def test_original_imagenet_params_equal_torchvision(depth):
+    import torchvision
+    reference = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    assert count_params(build_model(depth=depth, **IMAGENET)) == count_params(reference)
+
+
+def preact_imagenet_params(stages: tuple[int, ...], classes: int = 1000) -> int:
+    """fb.resnet.torch preresnet.lua on ImageNet: conv7×7 3→64 and BN(64) before the max-pool; stage s of
+    bottlenecks with inner width b = 64·2^s and output 4b. The first unit of stage 1 ('no_preact') starts at
+    its 1×1 convolution; every other unit starts with BN(in) (shared with the projection in the first units
+    of stages 2-4), then 1×1 in→b, BN(b), 3×3 b→b, BN(b), 1×1 b→4b. A first unit adds a bias-free 1×1
+    in→4b projection without BN. Then BN(2048) and a linear layer with bias; convolutions have no bias."""
+    total = 49 * 3 * 64 + 2 * 64
+    inp = 64
+    for s, count in enumerate(stages):
+        b = 64 * 2 ** s
+        out = 4 * b
+        first = (2 * inp if s else 0) + inp * b + 9 * b * b + b * out + 4 * b + inp * out
+        same = 2 * out + out * b + 9 * b * b + b * out + 4 * b
+        total += first + (count - 1) * same
+        inp = out
+    return total + 2 * 2048 + 2048 * classes + classes
+
+
+@pytest.mark.parametrize("depth,expected", [(50, 25_549_352), (101, 44_541_480), (152, 60_185_128),
+                                            (200, 64_666_152)])
+def test_preact_imagenet_params(depth, expected):
+    assert preact_imagenet_params(IMAGENET_STAGES[depth][1]) == expected
+    assert count_params(build_model(depth=depth, unit="full_preact", **IMAGENET)) == expected
+
+
+def test_imagenet_macs_match_the_original_models():
+    """He et al. 2015, Table 1: ResNet-50 takes 3.8 × 10^9 multiply-adds at 224×224 with the stride on F's
+    first 1×1 (on the 3×3, as torchvision, it would be 4.1)."""
+    assert abs(count_macs(build_model(depth=50, **IMAGENET), 224) / 1e9 - 3.8) < 0.1
+
+
+@pytest.mark.parametrize("unit", ["original", "full_preact"])
+def test_imagenet_stem_first_unit_and_head(unit):
+    model = build_model(depth=50, unit=unit, width=4, **IMAGENET)
+    assert [type(m).__name__ for m in model.stem] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    conv, pool = model.stem[0], model.stem[3]
+    assert (conv.kernel_size, conv.stride, pool.kernel_size, pool.stride) == ((7, 7), (2, 2), 3, 2)
+    assert len(model.units) == 16 and model.fc.out_features == 1000
+    first, second, stage2 = model.units[0], model.units[1], model.units[3]
+    # The stem's BN-ReLU activates the first unit's input: nothing shared, F starts at its convolution.
+    assert isinstance(first.shared, torch.nn.Identity) and isinstance(first.branch[0], torch.nn.Conv2d)
+    if unit == "full_preact":
+        assert type(second.branch[0]).__name__ == "BatchNorm2d"
+        assert [type(m).__name__ for m in stage2.shared] == ["BatchNorm2d", "ReLU"]
+        assert [type(m).__name__ for m in model.head] == ["BatchNorm2d", "ReLU"]
+    else:
+        assert len(model.head) == 0 and [type(m).__name__ for m in first.after_add] == ["ReLU"]
+    widths = [u.branch[-1].out_channels if unit == "full_preact" else u.branch[-2].out_channels
+              for u in (model.units[0], model.units[3], model.units[7], model.units[13])]
+    assert widths == [16, 32, 64, 128]  # 4w·2^s at w = 4
+    result = probe_propagation(model, torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,)))
+    assert [u["stage"] for u in result["units"]] == [1] * 3 + [2] * 4 + [3] * 6 + [4] * 3
+
+
+def test_imagenet_plan_fused_copies_compute_each_copy():
+    """groups=k on the new stem: the grouped 7×7 convolution and the per-channel max-pool keep copies apart."""
+    from ablations.resnet import join_states
+    fields = dict(depth=50, width=4, unit="full_preact", **IMAGENET)
+    solo = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        solo.append(build_model(**fields).eval())
+    fused = build_model(**fields, groups=2).eval()
+    fused.load_state_dict(join_states([m.state_dict() for m in solo]))
+    x, y = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = fused(torch.cat([x, y], 1))
+        torch.testing.assert_close(out[:, :1000], solo[0](x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[:, 1000:], solo[1](y), rtol=1e-4, atol=1e-5)
+
+
+def test_single_block_is_one_convolution_per_unit():
+    """Table 3's 1-layer-skip ResNet-110: 3·36 units of one 3×3 convolution; as many 3×3 layers and BNs at the
+    same widths as the 2-layer ResNet-110, hence the same parameters."""
+    spec = make_spec(depth=110, block="single", unit="full_preact")
+    assert spec.stages == (36, 36, 36) and spec.downsample == "A"
+    model = build_model(spec)
+    assert [type(m).__name__ for m in model.units[1].branch] == ["BatchNorm2d", "ReLU", "Conv2d"]
+    assert count_params(build_model(depth=110, block="single")) == count_params(build_model(depth=110))
+    assert make_spec(**VARIANTS["original-1layer"], depth=110).block == "single"
+
+
+@pytest.mark.parametrize("fields,needle", [
+    (dict(depth=56, **IMAGENET), "no ImageNet plan; choose one of: 18 (basic)"),
+    (dict(depth=50, block="basic", **IMAGENET), "uses block 'bottleneck', not 'basic'"),
+    (dict(depth=9, block="single"), "3n+2"),
+    (dict(depth=20, plan="mnist"), "plan"),
+])
+def test_bad_plan_specs_name_the_problem(fields, needle):
+    with pytest.raises(SpecError) as info:
+        make_spec(**fields)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_dataset_picks_the_plan_and_its_defaults():
+    spec = make_spec(depth=50, **IMAGENET)
+    assert (spec.plan, spec.block, spec.width, spec.downsample, spec.num_classes) == \
+        ("imagenet", "bottleneck", 64, "B", 1000)
+    assert make_spec(depth=18, **IMAGENET).downsample == "B"
+    assert dataset_model_fields("cifar10")["plan"] == "cifar"
+    # The CIFAR plan is left out of the dump (trial keys made before plans existed stay), the other kept.
+    assert "plan" not in make_spec(depth=20).model_dump() and spec.model_dump()["plan"] == "imagenet"
+    assert make_spec(**make_spec(depth=20).model_dump()) == make_spec(depth=20)

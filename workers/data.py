@@ -3,10 +3,12 @@
 `load_dataset(name, ...)` returns train, test and an optional validation split carved from the training
 set, plus the per-pixel training mean that the paper subtracts. The root folder is `data_dir`, else
 `$ABLATE_DATA_DIR`; Fashion-MNIST also falls back to the Debian package `dataset-fashion-mnist`.
+`ablate data fetch` (workers/fetch.py) downloads the first three below into this layout.
 
 - cifar10 / cifar100: torchvision's on-disk layout, read with a restricted unpickler (no code runs).
 - fashion-mnist: the four IDX files, gzipped or not, parsed and validated here.
 - synthetic: generated from a fixed seed; learnable by a small CNN in a few hundred steps.
+- imagenet: too large to hold in memory; streamed from an ImageFolder tree (workers/imagefolder.py).
 
 Decoded datasets are cached per process as read-only numpy arrays, keyed by name and folder, so repeated
 trials in one worker read files once (files changed on disk meanwhile are not re-read); every call
@@ -28,7 +30,9 @@ import torch
 from ablations.spec import excerpt
 from ablations.vocabulary import DATASET_SHAPES
 
+STREAMED = ("imagenet",)  # read by workers/imagefolder.py, never loaded whole
 DEBIAN_FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
+TORCHVISION_FASHION_MNIST = pathlib.Path("FashionMNIST", "raw")  # under the root: torchvision's download
 FASHION_MNIST_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
                        "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
 # name → (folder under the root, training files, test file, label key, classes)
@@ -73,6 +77,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, subset: i
     fraction of them, chosen by a permutation drawn from `split_seed`, into `val`."""
     if name not in DATASET_SHAPES:
         raise DataError(f"unknown dataset {excerpt(name)}; choose one of: {', '.join(DATASET_SHAPES)}")
+    if name in STREAMED:
+        raise DataError(f"{name} is streamed from disk (workers/imagefolder.py), not loaded into memory")
     if not 0.0 <= validation < 1.0:
         raise DataError(f"validation must be a fraction in [0, 1), got {excerpt(validation)}")
     folder = dataset_folder(name, data_dir)
@@ -110,7 +116,9 @@ def dataset_folder(name: str, data_dir: str | os.PathLike | None = None) -> path
     absolute, so a relative root read from two working directories cannot collide in the cache."""
     if name == "synthetic":
         return None
-    return (fashion_mnist_dir(data_dir) if name == "fashion-mnist" else _cifar_dir(name, data_dir)).resolve()
+    if name in STREAMED:
+        return image_folder_dir(name, data_dir).resolve()
+    return (fashion_mnist_dir(data_dir) if name == "fashion-mnist" else cifar_dir(name, data_dir)).resolve()
 
 
 def _split(x: np.ndarray, y: np.ndarray) -> Split:
@@ -118,9 +126,24 @@ def _split(x: np.ndarray, y: np.ndarray) -> Split:
     return Split(x=torch.from_numpy(x), y=torch.from_numpy(y.astype(np.int64)))
 
 
-def _root(data_dir: str | os.PathLike | None) -> pathlib.Path | None:
+def data_root(data_dir: str | os.PathLike | None) -> pathlib.Path | None:
+    """The datasets root: `data_dir`, else $ABLATE_DATA_DIR, else None."""
     chosen = data_dir or os.environ.get("ABLATE_DATA_DIR") or None
     return pathlib.Path(chosen).expanduser() if chosen is not None else None
+
+
+def image_folder_dir(name: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """`<root>/<name>/` when it holds train/ and val/, else `<root>/` itself when it does; else a DataError
+    that names the layout."""
+    root = data_root(data_dir)
+    layout = f"<root>/{name}/train/<class>/<image> and <root>/{name}/val/<class>/<image>"
+    how = "root = $ABLATE_DATA_DIR or the grid's data_dir; ImageNet has no public download"
+    if root is None:
+        raise DataError(f"{name}: no data root set; expected {layout} ({how})")
+    for place in (root / name, root):
+        if (place / "train").is_dir() and (place / "val").is_dir():
+            return place
+    raise DataError(f"{name} not found: expected {layout.replace('<root>', str(root))} ({how})")
 
 
 @functools.lru_cache(maxsize=4)
@@ -139,11 +162,13 @@ def _load_arrays(name: str, folder: str | None) -> Arrays:
 
 # --- Fashion-MNIST ------------------------------------------------------------------------------------------
 def fashion_mnist_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """The folder the Fashion-MNIST IDX files are read from: `<root>/fashion-mnist/`, then `<root>/`,
-    then the Debian package's folder. The first that holds any of the four files is used, and must hold
-    all four, so a half-copied folder is an error rather than a silent switch to another copy."""
-    root = _root(data_dir)
-    places = ([root / "fashion-mnist", root] if root is not None else []) + [DEBIAN_FASHION_MNIST]
+    """The folder the Fashion-MNIST IDX files are read from: `<root>/fashion-mnist/`, `<root>/`,
+    `<root>/FashionMNIST/raw/` (torchvision's layout, what `ablate data fetch` writes), then the Debian
+    package's folder. The first that holds any of the four files is used, and must hold all four, so a
+    half-copied folder is an error rather than a silent switch to another copy."""
+    root = data_root(data_dir)
+    places = ([root / "fashion-mnist", root, root / TORCHVISION_FASHION_MNIST] if root is not None else []) + [
+        DEBIAN_FASHION_MNIST]
     for place in places:
         found = {stem: _idx_file(place, stem) for stem in FASHION_MNIST_FILES.values()}
         if any(found.values()):
@@ -152,8 +177,9 @@ def fashion_mnist_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path
                 raise DataError(f"Fashion-MNIST folder {place} lacks {', '.join(missing)} (.gz or uncompressed)")
             return place
     raise DataError(f"Fashion-MNIST not found in {', '.join(map(str, places))}: run `apt-get install "
-                    f"dataset-fashion-mnist`, or put the four IDX files ({', '.join(FASHION_MNIST_FILES.values())}, "
-                    f".gz or not) in $ABLATE_DATA_DIR/fashion-mnist/")
+                    f"dataset-fashion-mnist` or `ablate data fetch fashion-mnist --dir DIR` with ABLATE_DATA_DIR=DIR, "
+                    f"or put the four IDX files ({', '.join(FASHION_MNIST_FILES.values())}, .gz or not) in "
+                    f"$ABLATE_DATA_DIR/fashion-mnist/")
 
 
 def _idx_file(folder: pathlib.Path, stem: str) -> pathlib.Path | None:
@@ -206,12 +232,12 @@ def read_idx(path: pathlib.Path, ndim: int) -> np.ndarray:
 
 
 # --- CIFAR ---------------------------------------------------------------------------------------------------
-def _cifar_dir(name: str, data_dir: str | os.PathLike | None) -> pathlib.Path:
+def cifar_dir(name: str, data_dir: str | os.PathLike | None) -> pathlib.Path:
     folder_name, train_files, test_file, _, _ = CIFAR_LAYOUTS[name]
     layout = f"<root>/{folder_name}/{{{','.join(train_files + (test_file,))}}}"
-    how = (f"this is torchvision's format, what torchvision.datasets.{name.upper()}(root, download=True) writes "
-           f"on a machine with internet; the root comes from $ABLATE_DATA_DIR or the grid's data_dir")
-    root = _root(data_dir)
+    how = (f"this is torchvision's format, what `ablate data fetch {name} --dir ROOT` writes on a machine with "
+           f"internet; the root comes from $ABLATE_DATA_DIR or the grid's data_dir")
+    root = data_root(data_dir)
     if root is None:
         raise DataError(f"{name}: no data root set; expected {layout} ({how})")
     folder = root / folder_name

@@ -1,14 +1,20 @@
 """One training loop for every trial: the k ≥ 1 seeds of one configuration, trained as k channel groups of
 one network (`build_model(spec, groups=k)`, see workers/fused.py). A solo trial is a group of one.
 
-The loop is flat: the dataset lives on the device as uint8, each batch is gathered, normalised and
-augmented there as whole-tensor ops, and the learning rate is set explicitly at every step.
+The loop is flat: batches come from the trial's batch source (workers/sources.py): a small dataset lives
+on the device as uint8, each batch gathered, normalised and augmented there as whole-tensor ops
+(`DeviceData`), and ImageNet streams from an image folder (workers/imagefolder.py). The learning rate is
+set explicitly at every step.
+
+Several workers of one trial (`distributed=True`) run this same loop, one per rank: DistributedDataParallel
+wraps the model, and each rank's source yields its shard of the global batch.
 
 Determinism: every random draw is a function of (seed, stream, index): initialisation of (seed),
 the data order of (seed, epoch), augmentation of (seed, iteration), dropout masks of (the group's seeds,
-iteration). So the iteration stored in a checkpoint is the whole random state, and a resumed run repeats
-an uninterrupted one bit for bit on CPU (same thread count, same precision, same compile decision, which
-the checkpoint keeps). On CUDA, cuDNN makes runs close, not identical.
+iteration; and the rank, with several workers). So the iteration stored in a checkpoint is the whole
+random state, and a resumed run repeats an uninterrupted one bit for bit on CPU (same thread count, same
+precision, same compile decision, which the checkpoint keeps). On CUDA, cuDNN makes runs close, not
+identical.
 
 Each seed keeps its own result: its own batches, loss, gradient slice, optimizer state, checkpoints
 (solo-shaped, so any seed resumes alone or in another group), metrics sink and result record.
@@ -35,20 +41,23 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ablations import ModelSpec, build_model, count_macs
 from ablations.resnet import join_states, split_state
-from ablations.vocabulary import DATASET_SHAPES
+from ablations.spec import dataset_model_fields
 
 from .checkpoint import checkpoints, prepare_dir, readable, save_checkpoint, stored_result
 from .config import TrialConfig
-from .data import DataError, Dataset, load_dataset
+from .data import STREAMED, DataError, Dataset, load_dataset
 from .fused import check_group, freeze, fused_model, join_optimizers, split_optimizer
+from .imagefolder import open_image_folder
 from .recipes import Recipe
 from .sinks import MetricsSink, NullSink
+from .sources import BatchSource, Shard, metrics, score
+from .streams import STREAM_AUGMENT, STREAM_STEP, Batches
+from .streams import stream_seed as _stream_seed
 
 PAD = 4  # pad-4 random crop (He et al. 2016, CIFAR recipe)
 EVAL_BATCH = 1000
@@ -64,14 +73,6 @@ COMPILE_MIN_MACS = 1e13
 
 class TrialTimeout(RuntimeError):
     """The attempt ran past its time limit."""
-
-
-def _stream_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed for one named random stream."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-STREAM_ORDER, STREAM_AUGMENT, STREAM_STEP = 1, 2, 3
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -132,25 +133,6 @@ def should_compile(requested: bool | None, device: torch.device, macs_per_image:
 
 
 # -------------------------------------------------------------------------------------------------- data
-class Batches:
-    """Training batches as index tensors: epoch e is a permutation drawn from (seed, e); the last partial
-    batch of an epoch is dropped so every step has the same size."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if n < batch_size:
-            raise DataError(f"the training set has {n} examples, fewer than one batch of {batch_size}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.per_epoch = n // batch_size
-        self._epoch, self._perm = -1, None
-
-    def indices(self, iteration: int) -> torch.Tensor:
-        epoch, i = divmod(iteration, self.per_epoch)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(_stream_seed(self.seed, STREAM_ORDER, epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
-        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
-
-
 def normalise(x: torch.Tensor, mean: torch.Tensor, scale: float) -> torch.Tensor:
     """uint8 images → float, per-pixel mean subtracted (the paper), divided by the pixel spread."""
     return (x.float() - mean) * scale
@@ -199,45 +181,69 @@ def device_data(config: TrialConfig, device: torch.device, data_dir: str | None)
                   data.mean.to(device), scale)
 
 
+def _chunks(x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, scale: float):
+    """Evaluation batches of device-resident images, normalised."""
+    return ((normalise(x[i:i + EVAL_BATCH], mean, scale), y[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH))
+
+
+class DeviceData(BatchSource):
+    """A dataset held on the device as uint8 (workers/data.py): every batch gathered, normalised and
+    augmented there as whole-tensor ops. Sharded, each worker gathers and augments the whole global batch
+    and keeps its part, so the shards are the images, crops and flips a single device trains on (a few
+    tensor ops per step on 32×32 images, small beside the step)."""
+
+    def __init__(self, config: TrialConfig, device: torch.device, data_dir: str | None, seeds: list[int],
+                 shard: Shard | None):
+        self.data, (self.train_x, self.train_y, self.eval_x, self.eval_y, self.mean, self.scale) = \
+            device_data(config, device, data_dir)
+        self.seeds, self.augment, self.shard = seeds, config.recipe.augment, shard
+        self.batches = [Batches(len(self.train_x), config.recipe.batch_size, s) for s in seeds]
+        self.train_size, self.test_size, self.image_size = len(self.train_x), len(self.eval_x), self.data.image_size
+        self.evaluated_on = "validation" if self.data.val is not None else "test"
+
+    def train_batch(self, slot: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xb, yb = seed_batch(self.train_x, self.train_y, self.batches[slot], self.seeds[slot], iteration, self.mean,
+                            self.scale, self.augment)
+        if self.shard is None:
+            return xb, yb
+        part = self.shard.part(len(yb))
+        return xb[part], yb[part]
+
+    def eval_batches(self, images: int | None):
+        n = len(self.eval_x) if images is None else min(images, len(self.eval_x))
+        part = self.shard.part(n) if self.shard is not None else slice(0, n)
+        return n, {"": _chunks(self.eval_x[part], self.eval_y[part], self.mean, self.scale)}
+
+
+def open_source(config: TrialConfig, seeds: list[int], device: torch.device, data_dir: str | None,
+                shard: Shard | None, threads: int) -> BatchSource:
+    """The trial's batch source: streamed from an image folder (ImageNet), else held on the device."""
+    recipe = config.recipe
+    if config.dataset not in STREAMED:
+        return DeviceData(config, device, data_dir, seeds, shard)
+    # On a GPU the trial's CPUs decode images; on a CPU they train, and decoding shares their process.
+    return open_image_folder(config.dataset, seeds=seeds, batch_size=recipe.batch_size, iterations=recipe.iterations,
+                             data_dir=data_dir, subset=config.subset, validation=config.validation,
+                             augment=recipe.augment, workers=threads if device.type == "cuda" else 0, device=device,
+                             shard=shard or Shard(0, 1))
+
+
 def trial_config(model_fields: dict[str, Any], dataset: str, recipe: Recipe, seed: int, subset: int | None = None,
-                 validation: float = 0.0) -> TrialConfig:
+                 validation: float = 0.0, workers: int = 1) -> TrialConfig:
     """A TrialConfig with the model's input and output shaped by the dataset."""
     from ablations import make_spec
-    channels, _, classes = DATASET_SHAPES[dataset]
-    spec = make_spec(**{**model_fields, "in_channels": channels, "num_classes": classes})
-    return TrialConfig(model=spec, dataset=dataset, subset=subset, validation=validation, recipe=recipe, seed=seed)
+    spec = make_spec(**{**model_fields, **dataset_model_fields(dataset)})
+    return TrialConfig(model=spec, dataset=dataset, subset=subset, validation=validation, recipe=recipe, seed=seed,
+                       workers=workers)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, scale: float,
              bf16: bool) -> list[tuple[float, float | None]]:
     """(error %, mean loss) of every copy of the model in evaluation mode (BN running statistics), each on
-    the same images. An image whose logits are not finite counts as misclassified (argmax of NaN would
-    pick class 0 and score a constant), and a loss that is not finite is None."""
-    k = getattr(model, "groups", 1)
-    was_training = model.training
-    model.eval()
-    wrong, loss = torch.zeros(k, device=x.device), torch.zeros(k, device=x.device)
-    for i in range(0, len(x), EVAL_BATCH):
-        xb = normalise(x[i:i + EVAL_BATCH], mean, scale).repeat(1, k, 1, 1)
-        xb = xb.contiguous(memory_format=torch.channels_last)
-        yb = y[i:i + EVAL_BATCH, None].expand(-1, k)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(xb).float().unflatten(1, (k, -1))  # [B, k, classes]
-        finite = torch.isfinite(logits).all(2)
-        wrong += ((logits.argmax(2) != yb) | ~finite).sum(0)
-        loss += F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").sum(0)
-    model.train(was_training)
-    return [(100.0 * w / len(x), s / len(x) if math.isfinite(s) else None) for w, s in zip(wrong.tolist(), loss.tolist())]
-
-
-def evaluate_alone(spec: ModelSpec, state: dict[str, torch.Tensor], device: torch.device, x: torch.Tensor,
-                   y: torch.Tensor, mean: torch.Tensor, scale: float, bf16: bool) -> tuple[float, float | None]:
-    """One seed's (error %, loss) from its own state in a solo network: it no longer depends on the group."""
-    solo = build_model(spec)
-    solo.load_state_dict(state)
-    return evaluate(solo.to(device, memory_format=torch.channels_last), x, y, mean, scale, bf16)[0]
+    the same device-resident images (workers/sources.py `score`); a loss that is not finite is None."""
+    scored = metrics(score(model, _chunks(x, y, mean, scale), x.device, bf16))
+    return [(m["test_error"], m["test_loss"]) for m in scored]
 
 
 # ---------------------------------------------------------------------------------------------- windows
@@ -281,7 +287,7 @@ def run_trial(config: TrialConfig, *, checkpoint_dir: str | os.PathLike | None =
 def run_trials(configs: list[TrialConfig], *, checkpoint_dirs: list[str | os.PathLike] | None = None,
                sinks: list[MetricsSink] | None = None, device: str | torch.device | None = None,
                threads: int | None = None, data_dir: str | None = None, compile_model: bool | None = None,
-               time_limit_s: float | None = None) -> list[dict[str, Any]]:
+               time_limit_s: float | None = None, distributed: bool = False) -> list[dict[str, Any]]:
     """Train the seeds of one trial configuration together; one result record per config, in order.
 
     `checkpoint_dirs` and `sinks` have one entry per config when given. With checkpoints, a seed whose
@@ -291,6 +297,11 @@ def run_trials(configs: list[TrialConfig], *, checkpoint_dirs: list[str | os.Pat
     group starts over, with a warning. `time_limit_s` bounds this attempt's wall time: past it,
     TrialTimeout is raised between two steps (checkpoints stay, so a retry resumes). `compile_model`:
     None decides by the trial's size (`should_compile`).
+
+    `distributed`: this process is one rank of an initialised torch.distributed process group whose size
+    is the configs' `workers` (workers/sources.py says how the ranks share a step); every rank calls
+    run_trials with the same arguments, and rank 0 alone writes checkpoints and results and logs to its
+    sinks (the others may pass sinks that discard).
     """
     seeds = check_group(configs)
     for name, given in (("checkpoint_dirs", checkpoint_dirs), ("sinks", sinks)):
@@ -312,8 +323,21 @@ def run_trials(configs: list[TrialConfig], *, checkpoint_dirs: list[str | os.Pat
     todo = [i for i in range(len(configs)) if i not in results]
     if not todo:
         return [results[i] for i in range(len(configs))]
+    shard = _shard(base, device) if distributed else None
     return _Loop(configs, todo, folders, sinks, records, device, data_dir, compile_model, time_limit_s,
-                 results).run()
+                 results, shard, threads or os.cpu_count() or 1).run()
+
+
+def _shard(config: TrialConfig, device: torch.device) -> Shard:
+    """This rank's shard, checked against the trial's configuration."""
+    import torch.distributed as dist
+    shard = Shard(dist.get_rank(), dist.get_world_size())
+    if shard.world != config.workers:
+        raise ValueError(f"the trial splits its batch over {config.workers} workers; the process group has "
+                         f"{shard.world}")
+    if config.recipe.sync_bn and device.type != "cuda":
+        raise ValueError("sync_bn needs CUDA devices: torch's SyncBatchNorm does not run on CPU")
+    return shard
 
 
 class _Loop:
@@ -321,17 +345,19 @@ class _Loop:
     windows. `slot` j trains config `todo[j]`."""
 
     def __init__(self, configs, todo, folders, sinks, records, device, data_dir, compile_model, time_limit_s,
-                 results):
+                 results, shard, threads):
         self.configs, self.todo, self.folders, self.sinks, self.records = configs, todo, folders, sinks, records
-        self.results, self.device = results, device
+        self.results, self.device, self.shard = results, device, shard
+        self.writes = shard is None or shard.rank == 0  # rank 0 alone writes checkpoints and results
         base = configs[0]
         self.recipe, self.spec, self.k = base.recipe, base.model, len(todo)
         self.seeds = [configs[i].seed for i in todo]
-        self.data, (self.train_x, self.train_y, self.eval_x, self.eval_y, self.mean, self.scale) = \
-            device_data(base, device, data_dir)
+        self.source = open_source(base, self.seeds, device, data_dir, shard, threads)
         self.model = fused_model(self.spec, self.seeds).to(device, memory_format=torch.channels_last)
+        if self.recipe.sync_bn:  # same parameters and buffers under the same names: checkpoints stay solo
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.recipe.lr, momentum=self.recipe.momentum,
-                                         weight_decay=self.recipe.weight_decay)
+                                         weight_decay=self.recipe.weight_decay, nesterov=self.recipe.nesterov)
         self.start, self.resumed_from = 0, None
         self.histories: list[list[dict[str, Any]]] = [[] for _ in todo]
         log_sums = None
@@ -341,14 +367,22 @@ class _Loop:
             log_sums = [s["window"] for s in state["seeds"]]
         else:
             self.precision = resolve_precision(self.recipe.precision, device)
-            compiled = should_compile(compile_model, device, count_macs(build_model(self.spec), self.data.image_size),
+            compiled = should_compile(compile_model, device, count_macs(build_model(self.spec), self.source.image_size),
                                       self.recipe)
+            if shard is not None:  # rank 0 decides (bf16 may be a measurement): every rank runs alike
+                decided = [self.precision, compiled]
+                torch.distributed.broadcast_object_list(decided, src=0)
+                self.precision, compiled = decided
         self.bf16 = self.precision == "bf16"
         self.log_window, self.live_window = Window(self.k, log_sums), Window(self.k)
-        self.forward, self.compiled = self.model, False
+        # DDP averages the ranks' gradients in the backward pass (each rank's loss is its shard's mean, so
+        # the average is the global batch's gradient) and gives every rank rank 0's BN buffers at each
+        # forward pass: BN normalises each rank's shard by its own statistics, as the paper's per-GPU BN.
+        self.eager = self.model if shard is None else torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[device] if device.type == "cuda" else None)
+        self.forward, self.compiled = self.eager, False
         if compiled:
-            self.forward, self.compiled = torch.compile(self.model), True
-        self.batches = [Batches(len(self.train_x), self.recipe.batch_size, s) for s in self.seeds]
+            self.forward, self.compiled = torch.compile(self.eager), True
         self.deadline = time.monotonic() + time_limit_s if time_limit_s else math.inf
         self.time_limit_s = time_limit_s
         self.classes = self.spec.num_classes
@@ -424,38 +458,43 @@ class _Loop:
         for j in active:
             i = self.todo[j]
             self.sinks[i].close()
-            self.results[i] = self._result(j, "finished", self.histories[j][-1]["test_error"], None)
+            self.results[i] = self._result(j, "finished", self.histories[j][-1], None)
         return [self.results[i] for i in range(len(self.configs))]
 
     def _forward(self, it: int, lr: float):
         """One forward pass of the group; per-seed losses as floats (one sync per step) and as a tensor."""
         k = self.k
-        parts = [seed_batch(self.train_x, self.train_y, self.batches[j], self.seeds[j], it, self.mean, self.scale,
-                            self.recipe.augment) for j in range(k)]
+        parts = [self.source.train_batch(j, it) for j in range(k)]
         xb = parts[0][0] if k == 1 else torch.cat([p[0] for p in parts], 1).contiguous(memory_format=torch.channels_last)
         yb = torch.stack([p[1] for p in parts], 1)  # [B, k]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(_stream_seed(*self.seeds, STREAM_STEP, it))  # dropout shortcuts draw from here
+        # Dropout shortcuts draw from here; each rank masks its own images.
+        rank = () if self.shard is None else (self.shard.rank,)
+        torch.manual_seed(_stream_seed(*self.seeds, STREAM_STEP, it, *rank))
         torch._foreach_copy_(self.before, self.buffers)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self._call(xb).float().unflatten(1, (k, -1))  # [B, k, classes]
             losses = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(0)  # [k]
         wrong = (logits.detach().argmax(2) != yb).sum(0)
-        loss_values, wrong_counts = torch.stack([losses.detach(), wrong.float()]).tolist()
+        stats = torch.stack([losses.detach(), wrong.float()])
+        if self.shard is not None:  # the global batch's: every rank takes the same decisions from them
+            torch.distributed.all_reduce(stats)
+            stats[0] /= self.shard.world
+        loss_values, wrong_counts = stats.tolist()
         return loss_values, wrong_counts, losses
 
     def _call(self, xb: torch.Tensor) -> torch.Tensor:
         """The forward pass, compiled when chosen; a compilation that fails falls back to eager, once."""
         if not self.compiled:
-            return self.model(xb)
+            return self.eager(xb)
         try:
             return self.forward(xb)
         except Exception as exc:  # compilers fail in many ways (no C++ toolchain, unsupported ops): go eager
             warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
                           f"training eagerly", stacklevel=2)
-            self.forward, self.compiled = self.model, False
-            return self.model(xb)
+            self.forward, self.compiled = self.eager, False
+            return self.eager(xb)
 
     def _diverged(self, loss: float) -> bool:
         return not math.isfinite(loss) or loss > EXPLODED * math.log(self.classes)
@@ -471,15 +510,16 @@ class _Loop:
                 solo[j][name] = tensor.clone() if tensor.dim() == 0 else tensor.chunk(self.k)[j].clone()
         for j in stopped:
             i = self.todo[j]
-            test_error, test_loss = evaluate_alone(self.spec, solo[j], self.device, self.eval_x, self.eval_y,
-                                                   self.mean, self.scale, self.bf16)
-            self.sinks[i].log({"test_error": test_error, **({} if test_loss is None else {"test_loss": test_loss})},
-                              step=it)
+            # Scored alone, in a solo network: the result no longer depends on the group.
+            alone = build_model(self.spec)
+            alone.load_state_dict(solo[j])
+            scores = self._evaluate(alone.to(self.device, memory_format=torch.channels_last), None)[1][0]
+            self.sinks[i].log({k: v for k, v in scores.items() if v is not None}, step=it)
             self.sinks[i].close()
             loss = loss_values[j]
             reason = (f"training loss {loss:.4g} above {EXPLODED:g}·ln({self.classes}) = "
                       f"{EXPLODED * math.log(self.classes):.4g}" if math.isfinite(loss) else f"training loss {loss}")
-            self.results[i] = self._result(j, "diverged", test_error, it,
+            self.results[i] = self._result(j, "diverged", scores, it,
                                            {"iteration": it, "loss": loss if math.isfinite(loss) else str(loss),
                                             "reason": reason})
 
@@ -492,23 +532,34 @@ class _Loop:
             self.log_window.reset(active)
         if evaluated:
             last = done == self.recipe.iterations
-            n = len(self.eval_x) if last or self.recipe.eval_images is None else min(self.recipe.eval_images,
-                                                                                     len(self.eval_x))
-            evals = evaluate(self.model, self.eval_x[:n], self.eval_y[:n], self.mean, self.scale, self.bf16)
+            n, evals = self._evaluate(self.model, None if last else self.recipe.eval_images)
         for j in active:
             entry: dict[str, Any] = {"step": done}
             if logged:
                 entry.update(trained[j], lr=lr)
             if evaluated:
-                test_error, test_loss = evals[j]
-                entry.update(test_error=test_error, test_loss=test_loss, eval_images=n)
+                entry.update(evals[j], eval_images=n)
             self.histories[j].append(entry)
             self.sinks[self.todo[j]].log({k: v for k, v in entry.items() if k not in ("step", "eval_images")
                                           and v is not None}, step=done)
         self.live_window.reset(active)
 
+    def _evaluate(self, model: torch.nn.Module, images: int | None) -> tuple[int, list[dict[str, float | None]]]:
+        """(images evaluated, per copy of the model its test metrics) on the source's evaluation views:
+        `images` of them, or all (None)."""
+        if self.shard is not None:  # every rank scores its part of the images in rank 0's BN statistics
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        n, views = self.source.eval_batches(images)
+        out: list[dict[str, float | None]] = [{} for _ in range(getattr(model, "groups", 1))]
+        for suffix, batches in views.items():
+            sums = score(model, batches, self.device, self.bf16, self.source.top5, self.shard)
+            for entry, scores in zip(out, metrics(sums, suffix)):
+                entry.update(scores)
+        return n, out
+
     def _checkpoint(self, done: int, active: list[int]) -> None:
-        if self.folders[self.todo[0]] is None:
+        if self.folders[self.todo[0]] is None or not self.writes:
             return
         models, optims = split_state(self.model.state_dict(), self.k), split_optimizer(self.optimizer.state_dict(), self.k)
         for j in active:
@@ -518,26 +569,28 @@ class _Loop:
                                                     "window": self.log_window.sums[j], "precision": self.precision,
                                                     "compiled": self.compiled})
 
-    def _result(self, j: int, status: str, test_error: float, diverged_at: int | None,
+    def _result(self, j: int, status: str, scores: dict[str, Any], diverged_at: int | None,
                 divergence: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A seed's result record, written to its folder as result.json."""
+        """A seed's result record, written to its folder as result.json; `scores`: its final evaluation."""
         i = self.todo[j]
         config, history = self.configs[i], self.histories[j]
         finished = status == "finished"
         trained = [h for h in history if "train_loss" in h]
         result = {
-            "key": config.key(), "status": status, "test_error": test_error,
+            "key": config.key(), "status": status, "test_error": scores["test_error"],
+            # The top-1 error above and the top-5 error at the crop the paper reports (ImageNet-style data).
+            **({"test_error_top5": scores["test_error_top5"]} if self.source.top5 else {}),
             # Training metrics of the final log window (the last `log_every` iterations): at the end of the
             # schedule, on the learning rate the test error is measured at.
             "train_loss": trained[-1]["train_loss"] if finished else None,
             "train_error": trained[-1]["train_error"] if finished else None,
             "iterations": self.recipe.iterations if finished else diverged_at, "diverged_at": diverged_at,
             "divergence": divergence, "resumed_from": self.resumed_from,
-            "evaluated_on": "validation" if self.data.val is not None else "test", "test_size": len(self.eval_x),
+            "evaluated_on": self.source.evaluated_on, "test_size": self.source.test_size,
             "precision": self.precision, "compiled": self.compiled, "device": str(self.device),
             "fused": self.k, "history": history, "config": self.records[i],
         }
         folder = self.folders[i]
-        if folder is not None:
+        if folder is not None and self.writes:
             (folder / "result.json").write_text(json.dumps(result, indent=1))
         return result

@@ -185,16 +185,16 @@ class BaseStateStore(ABC):
         """The grid's results as a pyarrow Table in one query: the fast read path of the tables."""
         import pyarrow as pa  # only the tables need it, not every process that opens a store
         names = ["dataset", "depth", "variant", "seed", "status", "test_error", "train_loss", "train_error",
-                 "test_size", "precision"]
+                 "test_size", "precision", "test_error_top5"]
         query = (select(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed,
                         TrialRow.status, TrialRow.test_error, TrialRow.train_loss, TrialRow.train_error,
-                        TrialRow.test_size, TrialRow.precision)
+                        TrialRow.test_size, TrialRow.precision, TrialRow.test_error_top5)
                  .join(TrialRow, TrialRow.key == GridTrialRow.trial_key).where(GridTrialRow.grid_id == grid_id)
                  # A fixed order: the bootstrap resamples by position, so the same results give the same CI.
                  .order_by(GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant, GridTrialRow.seed))
         with self.snapshot() as s:
             rows = s.execute(query).all()
-        types = {"test_size": pa.int64(), "precision": pa.string()}
+        types = {"test_size": pa.int64(), "precision": pa.string(), "test_error_top5": pa.float64()}
         return pa.table({name: pa.array([r[i] for r in rows], types.get(name)) for i, name in enumerate(names)})
 
     def trial_durations(self, grid_id: str) -> list[dict[str, Any]]:
@@ -271,6 +271,7 @@ class BaseStateStore(ABC):
             row.test_error, row.train_loss, row.train_error = (result.get("test_error"), result.get("train_loss"),
                                                                result.get("train_error"))
             row.test_size, row.precision = result.get("test_size"), result.get("precision")
+            row.test_error_top5 = result.get("test_error_top5")
             row.owner, row.error = None, None
             _end_attempt(s, key, owner, status)
             return True

@@ -49,6 +49,8 @@ class TrialRow(Base):
     test_error: Mapped[float | None] = mapped_column(Float, nullable=True)
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     train_error: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Top-5 error %, which ImageNet-style trials report beside the top-1 `test_error`.
+    test_error_top5: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Images the test error was measured on (its binomial sampling error) and the precision it trained in.
     test_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
     precision: Mapped[str | None] = mapped_column(String(8), nullable=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ablations.spec import SpecError, excerpt
-from workers.recipes import RecipeError, make_recipe, resolve_recipe
+from workers.recipes import RecipeError, make_recipe, resolve_recipe, training_size
 
 from .spec import TUNABLE, TuneError, TuneSpec, decode_param, encode_choice
 
@@ -62,7 +62,8 @@ def prepare(spec: TuneSpec, tuned: dict[str, dict[str, Any]]):
     """(base recipe, distributions, template TrialConfig): everything checked before a trial runs."""
     from workers.trainer import trial_config  # imports torch: only drivers that run a study pay for it
     try:
-        base = resolve_recipe(spec.base, tuned=tuned)
+        base = resolve_recipe(spec.base, tuned=tuned,
+                              train_size=training_size(spec.dataset, spec.subset, spec.validation))
     except RecipeError as exc:
         raise TuneError(f"base: {exc}") from None
     space = search_space(spec, base)
