@@ -40,10 +40,12 @@ def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = N
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with a sqlite backend; can be stopped and started again."""
+    """A real `mlflow server` on 127.0.0.1 (its backend: a sqlite file under ROOT unless `backend` names a
+    database); can be stopped and started again."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, backend: str | None = None, workers: int = 1):
         self.root, self.port, self.proc = root, free_port(), None
+        self.backend, self.workers = backend, workers
 
     @property
     def uri(self) -> str:
@@ -52,8 +54,8 @@ class MlflowServer:
     def start(self) -> None:
         log = open(self.root / "mlflow-server.log", "ab")
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", str(self.workers), "--backend-store-uri", self.backend or f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=log, stderr=log, start_new_session=True)
         try:
