@@ -96,6 +96,64 @@ def test_each_trial_is_claimed_once_by_threads_and_processes(store):
     assert store.counts(grid_id)["running"] == 8
 
 
+def _claim_batches(url: str, keys: list[str], owner: str, size: int) -> list[str]:
+    """Claim `keys` in shuffled batches of `size` (as a driver claims the trials for its free slots)."""
+    store = StateStore(url)
+    order = random.Random(owner).sample(keys, len(keys))
+    return [k for i in range(0, len(order), size) for k in store.claim_many(order[i:i + size], owner)]
+
+
+def test_batched_claims_of_overlapping_sets_take_each_trial_once(store):
+    grid_id, trials = registered(store, {**GRID, "seeds": 16})
+    keys = [t.key for t in trials]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        runs = [pool.apply_async(_claim_batches, (store.url, keys, f"p{i}", 5)) for i in range(3)]
+        won = _claim_batches(store.url, keys, "main", 7) + [k for r in runs for k in r.get(120)]
+    assert sorted(won) == sorted(keys)
+    for key in keys:
+        row = store.trial(key)
+        assert row.status == "running" and row.attempts == 1
+        assert [a.owner for a in store.attempts(key)] == [row.owner]
+    assert store.claim_many(keys, "late") == [] and store.claim_many([], "late") == []
+
+
+def test_batched_finish_stores_only_what_the_owner_holds(store, clock):
+    grid_id, trials = registered(store)
+    a, b, c, d = (t.key for t in trials)
+    assert sorted(store.claim_many([a, b, c], "x")) == sorted([a, b, c])
+    clock(61)
+    assert store.claim_many([c, d], "y", stale_after=60) == sorted([c, d])  # c taken over from x
+    results = {a: RESULT, b: {**RESULT, "status": "diverged", "test_error": 90.0}, c: RESULT, d: RESULT}
+    assert sorted(store.finish_many("x", results)) == sorted([a, b])
+    assert (store.trial(a).status, store.trial(a).test_error, store.trial(a).test_size) == ("finished", 12.5, 10000)
+    assert (store.trial(b).status, store.trial(b).test_error, store.trial(b).owner) == ("diverged", 90.0, None)
+    assert json.loads(store.trial(b).result)["status"] == "diverged"
+    assert store.trial(c).status == "running" and store.trial(c).owner == "y"
+    assert [(x.owner, x.outcome) for x in store.attempts(c)] == [("x", None), ("y", None)]
+    assert [x.outcome for x in store.attempts(b)] == ["diverged"]
+    assert store.finish_many("y", {c: RESULT, d: RESULT}) == sorted([c, d])
+    assert store.finish_many("y", {c: {**RESULT, "test_error": 1.0}}) == []  # immutable once finished
+    assert store.counts(grid_id)["finished"] == 3
+    with pytest.raises(ValueError):
+        store.finish_many("y", {a: {"status": "error"}})
+
+
+def test_runs_and_syncs_in_batches_and_the_backlog_counts_ended_unsynced_trials(store):
+    grid_id, trials = registered(store)
+    a, b, c, _ = (t.key for t in trials)
+    assert store.set_trial_runs({a: "run-a"}) == {a: "run-a"}
+    assert store.set_trial_runs({a: "run-x", b: "run-b"}) == {a: "run-a", b: "run-b"}  # the first saved wins
+    assert store.unsynced(grid_id) == 0  # nothing ended yet
+    store.claim_many([a, b, c], "x")
+    store.finish_many("x", {a: RESULT, b: RESULT})
+    assert store.fail(c, "x", "boom", max_retries=0) == "error"
+    assert store.unsynced(grid_id) == 3
+    store.set_trials_synced([a, c])
+    assert store.unsynced(grid_id) == 1
+    assert [t["key"] for t in store.grid_trials(grid_id) if not t["mlflow_synced"]] != []
+
+
 def test_a_finished_trial_is_immutable(store, clock):
     grid_id, trials = registered(store)
     key = trials[0].key

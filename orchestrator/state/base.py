@@ -13,12 +13,12 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from typing import Any, Iterable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from ablations.vocabulary import MEASURED, STATUSES
+from ablations.vocabulary import ENDED, MEASURED, STATUSES
 
 from .models import (LOOK_FIELDS, AttemptRow, GridRow, GridTrialRow, SequentialLookRow, SequentialPlanRow,
                      TrialRow, TunedRecipeRow)
@@ -30,6 +30,8 @@ STALE_AFTER_S = float(os.environ.get("ABLATE_STALE_AFTER_S", "30"))
 CHUNK = 500
 # "Insert unless the key exists" is spelled per database; both spell it ON CONFLICT.
 _INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+# A result's figures that the trial row holds in columns of their own (the tables read them without JSON).
+_RESULT_COLUMNS = ("test_error", "train_loss", "train_error", "test_size", "precision", "test_error_top5")
 
 
 class StateError(RuntimeError):
@@ -159,14 +161,34 @@ class BaseStateStore(ABC):
     def set_trial_run(self, key: str, run_id: str) -> str:
         """Give a trial its MLflow child run unless it holds one already; returns the run it holds (the first
         saved wins when two drivers made one at once)."""
+        return self.set_trial_runs({key: run_id})[key]
+
+    def set_trial_runs(self, runs: dict[str, str]) -> dict[str, str]:
+        """`set_trial_run` for several trials in one transaction: {trial key: the run it holds}."""
+        if not runs:
+            return {}
+        trials = TrialRow.__table__
         with self.transaction() as s:
-            s.execute(update(TrialRow).where(TrialRow.key == key, TrialRow.mlflow_run_id.is_(None))
-                      .values(mlflow_run_id=run_id))
-            return s.scalar(select(TrialRow.mlflow_run_id).where(TrialRow.key == key))
+            s.execute(update(trials).where(trials.c.key == bindparam("b_key"), trials.c.mlflow_run_id.is_(None))
+                      .values(mlflow_run_id=bindparam("b_run")), [{"b_key": k, "b_run": r} for k, r in runs.items()])
+            held = select(TrialRow.key, TrialRow.mlflow_run_id).where(TrialRow.key.in_(list(runs)))
+            return dict(s.execute(held).all())
 
     def set_trial_synced(self, key: str) -> None:
+        self.set_trials_synced([key])
+
+    def set_trials_synced(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
         with self.transaction() as s:
-            s.get(TrialRow, key).mlflow_synced = True
+            for chunk in _chunks(keys):
+                s.execute(update(TrialRow).where(TrialRow.key.in_(chunk)).values(mlflow_synced=True))
+
+    def unsynced(self, grid_id: str) -> int:
+        """How many of the grid's ended trials their MLflow child runs do not show yet (MLflow's backlog)."""
+        with self.snapshot() as s:
+            return s.scalar(select(func.count()).select_from(GridTrialRow).join(
+                TrialRow, TrialRow.key == GridTrialRow.trial_key)
+                .where(GridTrialRow.grid_id == grid_id, TrialRow.status.in_(ENDED), TrialRow.mlflow_synced.is_(False)))
 
     def grid_trials(self, grid_id: str, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """The grid's trials (or those of `keys`) with their labels, state and result."""
@@ -235,20 +257,33 @@ class BaseStateStore(ABC):
     # ------------------------------------------------------------------------------------------ trials
     def claim(self, key: str, owner: str, stale_after: float = STALE_AFTER_S) -> bool:
         """Atomically take a queued trial (or one whose owner went silent) for `owner`."""
+        return bool(self.claim_many([key], owner, stale_after))
+
+    def claim_many(self, keys: Iterable[str], owner: str, stale_after: float = STALE_AFTER_S) -> list[str]:
+        """Atomically take every trial of `keys` that is queued (or whose owner went silent) for `owner`, in one
+        transaction of two statements; returns the keys taken. A trial another transaction holds locked at
+        that instant (a concurrent claim) is not waited for: it counts as taken by someone else."""
+        keys = sorted(set(keys))
+        if not keys:
+            return []
         now = time.time()
         with self.transaction() as s:
-            # One conditional UPDATE: a concurrent claim waits for this one's row lock, then finds the
-            # row no longer matching (PostgreSQL re-checks the condition; sqlite writes one at a time).
-            res = s.execute(update(TrialRow).where(
-                TrialRow.key == key,
+            # One conditional UPDATE over the rows it locks: PostgreSQL re-checks the condition of a row once
+            # it holds it and skips rows another claim holds (so claims of overlapping sets never deadlock);
+            # sqlite writes one transaction at a time.
+            claimable = (select(TrialRow.key).where(
+                TrialRow.key.in_(keys),
                 (TrialRow.status == "queued") | ((TrialRow.status == "running") &
                                                  (TrialRow.heartbeat_at < now - stale_after)))
-                .values(status="running", owner=owner, heartbeat_at=now, attempts=TrialRow.attempts + 1,
-                        updated_at=now))
-            if res.rowcount != 1:
-                return False
-            s.add(AttemptRow(trial_key=key, owner=owner, started_at=now))
-            return True
+                .with_for_update(skip_locked=True))
+            taken = sorted(s.scalars(update(TrialRow).where(TrialRow.key.in_(claimable.scalar_subquery()))
+                                     .values(status="running", owner=owner, heartbeat_at=now,
+                                             attempts=TrialRow.attempts + 1, updated_at=now)
+                                     .returning(TrialRow.key)))
+            if taken:
+                s.execute(AttemptRow.__table__.insert(), [{"trial_key": k, "owner": owner, "started_at": now}
+                                                          for k in taken])
+            return taken
 
     def heartbeat(self, owner: str, keys: Iterable[str]) -> None:
         keys = list(keys)
@@ -259,22 +294,36 @@ class BaseStateStore(ABC):
 
     def finish(self, key: str, owner: str, result: dict[str, Any]) -> bool:
         """Store a result once; False when this owner no longer holds the trial (nothing is written)."""
-        status = result["status"]
-        if status not in MEASURED:
-            raise ValueError(f"a result's status is finished or diverged, not {status!r}")
-        record = {k: v for k, v in result.items() if k != "config"}
+        return bool(self.finish_many(owner, {key: result}))
+
+    def finish_many(self, owner: str, results: dict[str, dict[str, Any]]) -> list[str]:
+        """Store the results of several trials in one transaction of three statements; returns the keys stored.
+        A trial this owner no longer holds is left as it is."""
+        for result in results.values():
+            if result["status"] not in MEASURED:
+                raise ValueError(f"a result's status is finished or diverged, not {result['status']!r}")
+        if not results:
+            return []
+        now = time.time()
+        open_attempt = (select(func.max(AttemptRow.id)).where(AttemptRow.trial_key == TrialRow.key,
+                                                               AttemptRow.owner == owner, AttemptRow.ended_at.is_(None))
+                        .scalar_subquery())
         with self.transaction() as s:
-            row = s.get(TrialRow, key, with_for_update=True)
-            if not _held(row, owner):
-                return False
-            row.status, row.result, row.updated_at = status, json.dumps(record), time.time()
-            row.test_error, row.train_loss, row.train_error = (result.get("test_error"), result.get("train_loss"),
-                                                               result.get("train_error"))
-            row.test_size, row.precision = result.get("test_size"), result.get("precision")
-            row.test_error_top5 = result.get("test_error_top5")
-            row.owner, row.error = None, None
-            _end_attempt(s, key, owner, status)
-            return True
+            held = s.execute(select(TrialRow.key, open_attempt).where(
+                TrialRow.key.in_(sorted(results)), TrialRow.status == "running", TrialRow.owner == owner)
+                .order_by(TrialRow.key).with_for_update(of=TrialRow)).all()
+            if not held:
+                return []
+            trials, attempts = TrialRow.__table__, AttemptRow.__table__
+            s.execute(update(trials).where(trials.c.key == bindparam("b_key")), [
+                {"b_key": key, "status": results[key]["status"], "updated_at": now, "owner": None, "error": None,
+                 "result": json.dumps({k: v for k, v in results[key].items() if k != "config"}),
+                 **{f: results[key].get(f) for f in _RESULT_COLUMNS}} for key, _ in held])
+            ended = [{"b_id": attempt, "ended_at": now, "outcome": results[key]["status"]}
+                     for key, attempt in held if attempt is not None]
+            if ended:
+                s.execute(update(attempts).where(attempts.c.id == bindparam("b_id")), ended)
+            return [key for key, _ in held]
 
     def fail(self, key: str, owner: str, error: str, max_retries: int) -> str:
         """Record a failed attempt: queued again while attempts remain, else `error`. Returns the new state."""
