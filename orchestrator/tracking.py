@@ -304,10 +304,17 @@ class Tracker:
     def __init__(self, uri: str | None = None):
         self.uri = uri or default_tracking_uri()
         self._experiments: dict[str, str] = {}
+        self._client = None
+        # Where the runs this tracker made keep their artifacts: logging one then needs no read of the run.
+        self._artifact_uris: dict[str, str] = {}
 
     @property
     def client(self):
-        return _client(self.uri)
+        """One client for the tracker's life (thread-safe: each request is its own); making one per call cost
+        the driver more CPU than the call itself."""
+        if self._client is None:
+            self._client = _client(self.uri)
+        return self._client
 
     @property
     def ui_base(self) -> str | None:
@@ -362,10 +369,7 @@ class Tracker:
             # appends to an existing file; a refreshed comparison replaces it.
             tables = [{"path": path, "type": "table"} for path in view.tables]
             tags.append(RunTag("mlflow.loggedArtifacts", json.dumps(tables)))
-        for i in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[i:i + 1000])
-        for i in range(0, len(tags), 100):
-            client.log_batch(run_id, tags=tags[i:i + 100])
+        _log_batches(client, run_id, metrics=metrics, tags=tags)
         if view.tables or view.files:
             with tempfile.TemporaryDirectory() as folder:
                 for name, content in view.tables.items():
@@ -388,19 +392,26 @@ class Tracker:
                     config: dict[str, Any]) -> str:
         """A trial's child run, SCHEDULED until its worker starts it."""
         from mlflow.entities import Param
+        client = self.client
+        run_id = self.create_trial_run(name, grid_id, parent_run_id, trial, config)
+        client.update_run(run_id, status="SCHEDULED")
+        _log_batches(client, run_id, params=[Param(k, v) for k, v in flatten("", config).items()])
+        return run_id
+
+    def create_trial_run(self, name: str, grid_id: str, parent_run_id: str, trial: dict[str, Any],
+                         config: dict[str, Any], status: str = "queued") -> str:
+        """A trial's child run with its tags, nothing else (one request): `start_trial` readies it for its worker;
+        for a trial that ended before it had a run (MLflow fell behind the cluster), `sync(config=...)` then
+        logs the whole record at once."""
         model = config["model"]
         tags = {"mlflow.parentRunId": parent_run_id, "ablate.grid": grid_id, "ablate.trial": trial["key"],
                 "ablate.variant": trial["variant"], "ablate.unit": model["unit"], "ablate.shortcut": model["shortcut"],
                 "ablate.depth": str(trial["depth"]), "ablate.dataset": trial["dataset"],
-                "ablate.seed": str(trial["seed"]), "ablate.status": "queued", **SOURCE, **code_version()}
-        client = self.client
+                "ablate.seed": str(trial["seed"]), "ablate.status": status, **SOURCE, **code_version()}
         run_name = f"{trial['variant']}-d{trial['depth']}-s{trial['seed']}"
-        run_id = client.create_run(self.experiment(name), run_name=run_name, tags=tags).info.run_id
-        client.update_run(run_id, status="SCHEDULED")
-        params = [Param(k, v) for k, v in flatten("", config).items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i:i + 100])
-        return run_id
+        info = self.client.create_run(self.experiment(name), run_name=run_name, tags=tags).info
+        self._artifact_uris[info.run_id] = info.artifact_uri
+        return info.run_id
 
     def schedule(self, run_id: str) -> None:
         """An existing child run whose trial is queued again (a retry, a resumed grid)."""
@@ -424,33 +435,35 @@ class Tracker:
                 return found
 
     def sync(self, run_id: str, result: dict[str, Any], status: str, checkpoint_dir: str | None = None,
-             delivered: bool = False, iterations: int | None = None) -> None:
+             delivered: bool = False, iterations: int | None = None, config: dict[str, Any] | None = None) -> None:
         """Make the child run hold every metric and dataset input of the trial's own record, then terminate it.
 
         `delivered`: the trial's live sink logged its whole history and inputs to this run, so nothing is read back.
         `iterations`: the recipe's total, for the run's last `ablate.iteration`.
+        `config`: the run was just made by `create_trial_run` and holds nothing yet: nothing is read back, and
+        the configuration's params go in the same requests as the metrics and tags.
         """
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, Param, RunTag
         client = self.client
+        fresh = config is not None
         missing = []
         history = [] if delivered else result.get("history") or []
         for key in [m for m in HISTORY_METRICS if any(m in h for h in history)]:  # one read per metric it holds
-            have = {m.step for m in client.get_metric_history(run_id, key)}
+            have = set() if fresh else {m.step for m in client.get_metric_history(run_id, key)}
             missing += [Metric(key, float(h[key]), _now_ms(), int(h["step"]))
                         for h in history if h.get(key) is not None and h["step"] not in have]
         if not delivered and result.get("status") == "diverged" and result.get("diverged_at") is not None:
-            have = {m.step for m in client.get_metric_history(run_id, "test_error")}
+            have = set() if fresh else {m.step for m in client.get_metric_history(run_id, "test_error")}
             if result["diverged_at"] not in have:
                 missing.append(Metric("test_error", float(result["test_error"]), _now_ms(),
                                       int(result["diverged_at"])))
-        for i in range(0, len(missing), 1000):
-            client.log_batch(run_id, metrics=missing[i:i + 1000])
-        if not delivered and result.get("inputs"):
-            client.log_inputs(run_id, datasets=_dataset_entities(result["inputs"]))  # MLflow keeps one of each
         tags = [RunTag("ablate.status", status), RunTag("ablate.eta", "0s")]
         if iterations and result.get("iterations") is not None:
             tags.append(RunTag("ablate.iteration", f"{result['iterations']}/{iterations}"))
-        client.log_batch(run_id, tags=tags)
+        params = [Param(k, v) for k, v in flatten("", config).items()] if fresh else []
+        _log_batches(client, run_id, metrics=missing, params=params, tags=tags)
+        if not delivered and result.get("inputs"):
+            client.log_inputs(run_id, datasets=_dataset_entities(result["inputs"]))  # MLflow keeps one of each
         if checkpoint_dir:
             self._artifacts(run_id, checkpoint_dir)
         client.set_terminated(run_id, "FAILED" if status == "error" else "FINISHED")
@@ -460,8 +473,28 @@ class Tracker:
         from workers.checkpoint import checkpoints
         folder = Path(checkpoint_dir)
         result_file = folder / "result.json"
-        if result_file.exists():
-            self.client.log_artifact(run_id, str(result_file))
         found = checkpoints(folder)
-        if found and found[0].stat().st_size <= ARTIFACT_CAP_BYTES:
-            self.client.log_artifact(run_id, str(found[0]), artifact_path="checkpoint")
+        files = ([(result_file, None)] if result_file.exists() else []) + (
+            [(found[0], "checkpoint")] if found and found[0].stat().st_size <= ARTIFACT_CAP_BYTES else [])
+        if not files:
+            return
+        if run_id in self._artifact_uris:  # made here: its artifact location is known without asking the server
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+            repo = get_artifact_repository(self._artifact_uris.pop(run_id), tracking_uri=self.uri)
+            for path, folder_in_run in files:
+                repo.log_artifact(str(path), folder_in_run)
+        else:
+            for path, folder_in_run in files:
+                self.client.log_artifact(run_id, str(path), artifact_path=folder_in_run)
+
+
+def _log_batches(client: Any, run_id: str, metrics: list[Any] = (), params: list[Any] = (),
+                 tags: list[Any] = ()) -> None:
+    """Log metrics, params and tags in as few requests as MLflow's limits allow (per request: 1000 metrics,
+    100 params, 100 tags, 1000 in all)."""
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    while metrics or params or tags:
+        p, t = params[:100], tags[:100]
+        m = metrics[:1000 - len(p) - len(t)]
+        client.log_batch(run_id, metrics=m, params=p, tags=t)
+        metrics, params, tags = metrics[len(m):], params[len(p):], tags[len(t):]
