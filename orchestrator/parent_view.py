@@ -5,7 +5,8 @@ variants) is a new grid id and keeps the parent. It shows the latest grid:
 - tags: `ablate.grid` (the latest grid id), `ablate.grids` (every grid id it has held, oldest first),
   `ablate.state` (running, finished, decided, cancelled, interrupted), `ablate.progress` and `ablate.eta`,
   and a description (`mlflow.note.content`) saying what the grid is and how to read its table;
-- metrics: the `trials_<state>` counts, `eta_s`, and per cell (setting × variant) of the comparison
+- metrics: the `trials_<state>` counts, `eta_s`, `mlflow_unsynced` (ended trials whose child runs do not
+  show them yet), and per cell (setting × variant) of the comparison
   `<setting>/<variant>/<stat>` with the number of ended trials as step, so a chart shows a cell's mean
   and interval settling as seeds finish; `<setting>/<variant>/decision` is the decision as a number
   (DECISION_CODES) with a tag of the same name saying it in words;
@@ -136,6 +137,9 @@ def build(store: StateStore, spec: GridSpec, grid_id: str, parent: str, *, child
     metrics: dict[str, float] = {f"trials_{k}": float(v) for k, v in counts.items()}
     if eta_s is not None:
         metrics["eta_s"] = eta_s
+    # MLflow's backlog: ended trials whose child runs do not show them yet (the driver syncs them while the
+    # grid runs and after; a server slower than the cluster makes it grow instead of slowing the grid).
+    metrics["mlflow_unsynced"] = float(store.unsynced(grid_id))
     remaining = counts["queued"] + counts["running"]
     grid_ids = store.run_grids(parent) or [grid_id]
     doc = None

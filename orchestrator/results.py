@@ -81,4 +81,6 @@ def grid_status(store: BaseStateStore, grid_id: str) -> dict[str, Any]:
     row = store.grid(grid_id)
     if row is None:
         raise NotFound(f"no grid {excerpt(grid_id)}")
-    return {"grid": row.id, "name": row.name, "grid_cancelled": row.cancelled, **store.counts(row.id)}
+    # mlflow_unsynced: ended trials whose MLflow child runs do not show them yet (a lagging server's backlog).
+    return {"grid": row.id, "name": row.name, "grid_cancelled": row.cancelled, **store.counts(row.id),
+            "mlflow_unsynced": store.unsynced(row.id)}

@@ -13,6 +13,7 @@ trial whose driver died is taken over once its heartbeat is stale and resumes fr
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ablations.vocabulary import ACTIVE, ENDED, MEASURED
 from workers.sinks import NullSink
@@ -41,6 +42,10 @@ PARENT_EVERY_S = 10.0  # the parent run's progress and ETA are refreshed this of
 # ... and its comparison (table, cell metrics, report: a second or two of the driver's CPU) at most this
 # often, when trials ended since; always at the end.
 COMPARISON_EVERY_S = 30.0
+# MLflow: the requests of this many trials' runs in flight at once (a server answers several at a time), and
+# at most this many trials per pass of the MLflow thread (the parent's refreshes come between passes).
+SYNC_THREADS = 4
+SYNC_BATCH = 64
 _PARENT_LOCK = threading.Lock()  # one parent run per grid name among this process's runners (the service)
 
 
@@ -87,12 +92,20 @@ class GridRunner:
         self.data_dir = data_dir
         self.share = share  # how many grids share the cluster now: each gets that fraction of the slots
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        # Every MLflow call of the driver happens off the scheduling loop, on this thread, one at a time.
+        # Every MLflow call of the driver happens off the scheduling loop: jobs on this thread, one at a time
+        # (each fanning a batch of trials' runs out on `_calls`). The loop only hands work over (`_want`).
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-sync")
+        self._calls = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="mlflow-call")
+        self._work_lock = threading.Lock()
+        self._to_ready: dict[str, None] = {}  # trials soon submitted whose runs to ready, in order
+        self._to_sync: dict[str, str | None] = {}  # ended trials to sync → the run their live sink delivered to
+        self._pump: Future | None = None  # the MLflow thread's pass over that work, queued or running
+        self._requested: set[str] = set()  # trials whose run was asked ready (once per attempt)
+        self._runs: dict[str, str] = {}  # trial key → its child run, ready for its task
+        self._submitted: set[str] = set()  # trials whose task was built (readying them later is too late)
         # Trials sample system metrics at the driver's MLflow setting, wherever their workers started.
         self.system_metrics_s = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
                                       or SYSTEM_METRICS_EVERY_S)
-        self._prepared: dict[str, Future] = {}
         self._orphans: dict[str, str] = {}  # trial key → a child run a killed driver created but never saved
         self._children: set[str] = set()  # run ids under this grid's parent run (the rest were reused)
         self._children_known = False  # `_children` read from MLflow for this run
@@ -150,75 +163,134 @@ class GridRunner:
         self._children_known = True
         return True
 
-    def _child_run(self, spec: GridSpec, grid_id: str, trial: dict[str, Any]) -> str | None:
-        """The trial's child run; made under this grid's parent when the trial has none yet."""
-        if trial.get("mlflow_run_id"):
-            return trial["mlflow_run_id"]
-        parent = self._parent_run(spec, grid_id)
-        if parent is None:
-            return None
-        try:
-            # A driver killed between creating a run and saving its id left it behind: adopt it.
-            made = self._orphans.pop(trial["key"], None) or self.tracker.start_trial(
-                spec.name, grid_id, parent, trial, json.loads(trial["config"]))
-        except Exception:
-            return None
-        run_id = self.store.set_trial_run(trial["key"], made)
-        if run_id == made:
-            self._children.add(run_id)
-        else:  # another grid's driver gave the trial its run meanwhile: link to that one
-            try:
-                self.tracker.discard(made)
-            except Exception:
-                pass  # left as a stray run; nothing refers to it
-        trial["mlflow_run_id"] = run_id
-        return run_id
+    def _save_runs(self, made: dict[str, str]) -> dict[str, str]:
+        """Give trials the child runs just made (or adopted) for them; returns the run each holds. A run made for
+        a trial that another grid's driver gave its run meanwhile is deleted: the trial links to that one."""
+        held = self.store.set_trial_runs(made)
+        for key, run_id in made.items():
+            if held[key] == run_id:
+                self._children.add(run_id)
+            else:
+                try:
+                    self.tracker.discard(run_id)
+                except Exception:
+                    pass  # left as a stray run; nothing refers to it
+        return held
 
-    def _prepare_run(self, spec: GridSpec, grid_id: str, key: str) -> Future:
-        """Ready a trial's child run on the MLflow thread ahead of its submission (idempotent): made SCHEDULED,
-        or, held from an earlier attempt, SCHEDULED again."""
-        if key not in self._prepared:
-            def prepare() -> str | None:
-                trials = self.store.grid_trials(grid_id, {key})
-                if not trials:
-                    return None
-                if trials[0]["mlflow_run_id"]:
-                    try:
-                        self.tracker.schedule(trials[0]["mlflow_run_id"])
-                    except Exception:
-                        pass  # its worker sets it running all the same
-                return self._child_run(spec, grid_id, trials[0])
-            self._prepared[key] = self._syncer.submit(prepare)
-        return self._prepared[key]
+    def _want(self, spec: GridSpec, grid_id: str, ready: Iterable[str] = (),
+              synced: dict[str, str | None] | None = None) -> None:
+        """Hand MLflow work to the MLflow thread, from the scheduling loop (never waits): child runs to ready for
+        trials about to be submitted, and ended trials to sync (with the run their live sink delivered to)."""
+        with self._work_lock:
+            for key in ready:
+                if key not in self._requested:
+                    self._requested.add(key)
+                    self._to_ready[key] = None
+            self._to_sync.update(synced or {})
+            if self._pump is None and (self._to_ready or self._to_sync):
+                self._pump = self._syncer.submit(self._pass, spec, grid_id)
+
+    def _retry_run(self, key: str) -> None:
+        """A trial queued again: its run is readied (SCHEDULED) again before its next task."""
+        with self._work_lock:
+            self._requested.discard(key)
+            self._runs.pop(key, None)
+            self._submitted.discard(key)
+
+    def _pass(self, spec: GridSpec, grid_id: str) -> None:
+        """One pass of the MLflow thread over up to SYNC_BATCH trials of each kind handed to it: runs readied,
+        then ended trials synced; queued again while work remains. When MLflow lags behind the cluster (ended
+        trials wait), a trial already submitted gets no SCHEDULED run: its run is made once, final, at its sync."""
+        with self._work_lock:
+            ready = list(itertools.islice(self._to_ready, SYNC_BATCH))
+            synced = dict(itertools.islice(self._to_sync.items(), SYNC_BATCH))
+            for key in ready:
+                del self._to_ready[key]
+            for key in synced:
+                del self._to_sync[key]
+            behind = bool(synced or self._to_sync)
+        try:
+            self._ready_runs(spec, grid_id, [k for k in ready if not (behind and k in self._submitted)])
+            self.sync_mlflow(spec, grid_id, set(synced), {k: run for k, run in synced.items() if run})
+        finally:
+            with self._work_lock:
+                more = self._to_ready or self._to_sync
+                self._pump = self._syncer.submit(self._pass, spec, grid_id) if more else None
+
+    def _ready_runs(self, spec: GridSpec, grid_id: str, keys: list[str]) -> None:
+        """Ready the child runs of trials about to be submitted: made SCHEDULED, or, held from an earlier
+        attempt, SCHEDULED again (a trial that ended meanwhile is left to its sync)."""
+        if not keys or (parent := self._parent_run(spec, grid_id)) is None:
+            return
+        trials = [t for t in self.store.grid_trials(grid_id, keys) if t["status"] in ACTIVE]
+
+        def ready(trial: dict[str, Any]) -> tuple[str, str | None, bool]:
+            """(key, its run, whether the run was made or adopted here)."""
+            if trial["mlflow_run_id"]:
+                try:
+                    self.tracker.schedule(trial["mlflow_run_id"])
+                except Exception:
+                    pass  # its worker sets it running all the same
+                return trial["key"], trial["mlflow_run_id"], False
+            try:
+                # A driver killed between creating a run and saving its id left it behind: adopt it.
+                return trial["key"], self._orphans.pop(trial["key"], None) or self.tracker.start_trial(
+                    spec.name, grid_id, parent, trial, json.loads(trial["config"])), True
+            except Exception:
+                return trial["key"], None, False
+        outcomes = list(self._calls.map(ready, trials))
+        self._runs.update(self._save_runs({key: run for key, run, made in outcomes if made}))
+        self._runs.update({key: run for key, run, made in outcomes if run and not made})
 
     def _run_for_task(self, spec: GridSpec, grid_id: str, key: str) -> dict[str, Any]:
         """What a trial's task needs to stream to its child run, without waiting on MLflow: the run when it is
         ready, else where its worker's sink finds it once the MLflow thread has made it."""
-        ready = self._prepare_run(spec, grid_id, key)
+        self._submitted.add(key)
+        self._want(spec, grid_id, ready=[key])
         return {"tracking_uri": self.tracker.uri, "experiment": spec.name, "key": key,
-                "run_id": ready.result() if ready.done() else None, "system_metrics_s": self.system_metrics_s}
+                "run_id": self._runs.get(key), "system_metrics_s": self.system_metrics_s}
 
     def sync_mlflow(self, spec: GridSpec, grid_id: str, keys: set[str] | None = None,
                     live: dict[str, str] | None = None) -> int:
-        """Bring ended trials' child runs up to their records; returns how many remain unsynced.
+        """Bring ended trials' child runs up to their records, SYNC_BATCH trials at a time (their requests on
+        SYNC_THREADS threads, one statement each to save what they did); returns how many remain unsynced. A
+        trial without a run gets one made from its record in its final state.
 
         `live` maps trial keys to the run their worker's sink fully delivered to: those skip reading back.
         """
-        pending = 0
-        for trial in self.store.grid_trials(grid_id, keys):
-            if trial["mlflow_synced"] or trial["status"] not in ENDED:
-                continue
-            run_id = self._child_run(spec, grid_id, trial)
+        trials = [t for t in self.store.grid_trials(grid_id, keys)
+                  if not t["mlflow_synced"] and t["status"] in ENDED]
+        if not trials or (parent := self._parent_run(spec, grid_id)) is None:
+            return len(trials)
+        live = live or {}
+
+        def sync(trial: dict[str, Any]) -> tuple[str, str | None, bool]:
+            """(key, a run made or adopted here for the trial, whether the run now shows the record)."""
+            key, made = trial["key"], None
+            config = json.loads(trial["config"])
             try:
+                run_id = trial["mlflow_run_id"]
                 if run_id is None:
-                    raise ConnectionError("no run")
-                result = trial["result"] or {"history": []}
-                self.tracker.sync(run_id, result, trial["status"], str(checkpoint_root() / trial["key"]),
-                                  delivered=(live or {}).get(trial["key"]) == run_id,
-                                  iterations=json.loads(trial["config"])["recipe"]["iterations"])
-                self.store.set_trial_synced(trial["key"])
+                    run_id = made = self._orphans.pop(key, None)
+                fresh = run_id is None
+                if fresh:
+                    run_id = made = self.tracker.create_trial_run(spec.name, grid_id, parent, trial, config,
+                                                                  trial["status"])
+                self.tracker.sync(run_id, trial["result"] or {"history": []}, trial["status"],
+                                  str(checkpoint_root() / key), delivered=live.get(key) == run_id,
+                                  iterations=config["recipe"]["iterations"], config=config if fresh else None)
+                return key, made, True
             except Exception:
-                pending += 1
+                return key, made, False
+
+        pending = 0
+        for i in range(0, len(trials), SYNC_BATCH):
+            outcomes = list(self._calls.map(sync, trials[i:i + SYNC_BATCH]))
+            held = self._save_runs({key: run for key, run, _ in outcomes if run})
+            # A run that lost to another driver's was deleted: the trial's own run is synced on a later pass.
+            done = [key for key, run, ok in outcomes if ok and (run is None or held[key] == run)]
+            self.store.set_trials_synced(done)
+            pending += len(outcomes) - len(done)
         return pending
 
     def _eta(self, counts: dict[str, int]) -> float | None:
@@ -294,7 +366,8 @@ class GridRunner:
         grid_id = self.submit(spec, extra)
         rows = {t["key"]: t for t in self.store.grid_trials(grid_id)}
         reused = sum(1 for t in rows.values() if t["status"] in MEASURED)
-        self._prepared.clear()
+        with self._work_lock:
+            self._to_ready, self._to_sync, self._requested, self._runs, self._submitted = {}, {}, set(), {}, set()
         self._open_parent(spec, grid_id, reused)
         ensure_ray()
         grid = _GridPass(self, spec, grid_id, rows)
@@ -304,8 +377,7 @@ class GridRunner:
         try:
             while grid.busy():
                 grid.submit_more()
-                for ref in grid.ended():
-                    grid.record(ref)
+                grid.record(grid.ended())
                 now = time.time()
                 grid.expire_overdue(now)
                 if beat.due(now):
@@ -335,7 +407,10 @@ class GridRunner:
         """End of a run: ended trials synced, trying again for up to `sync_timeout_s`, then the parent's last
         word: its final comparison and report, and terminated when every run is synced (an interrupted run
         only says so). Returns how many runs stay unsynced, and the parent run."""
-        self._syncer.submit(lambda: None).result()  # drain the per-trial syncs queued so far
+        while True:  # the MLflow thread's jobs, and the passes they queue: MLflow catches up with the cluster
+            self._syncer.submit(lambda: None).result()
+            if self._pump is None:
+                break
         deadline = time.time() + sync_timeout_s
         unsynced = self.sync_mlflow(spec, grid_id)
         while unsynced and time.time() < deadline:
@@ -385,28 +460,30 @@ class _GridPass:
         return bool(self.todo or self.inflight or self.waiting_on_others)
 
     def submit_more(self) -> None:
-        """Claim and submit trials until about two tasks per slot of this grid's share are in flight."""
+        """Claim and submit trials until about two tasks per slot of this grid's share are in flight: the trials
+        for every free place claimed at once."""
         depth = max(1, 2 * self.slots // max(1, self.runner.share()))
         # MLflow child runs are made on the MLflow thread a few trials ahead: the loop only submits.
-        for key in self.todo[:2 * depth]:
-            self.runner._prepare_run(self.spec, self.grid_id, key)
+        self.runner._want(self.spec, self.grid_id, ready=self.todo[:2 * depth])
         while self.todo and len(self.inflight) < depth:
-            claimed = self._claim(_next_group(self.todo, self.rows, self.spec.fuse_seeds))
-            if claimed:
-                tasks = [self._task(key) for key in claimed]
-                ref = self.remote.remote(tasks[0]) if len(tasks) == 1 else self.remote_group.remote(tasks)
-                self.inflight[ref] = (claimed, time.time())
+            groups = []
+            while self.todo and len(groups) < depth - len(self.inflight):
+                groups.append(_next_group(self.todo, self.rows, self.spec.fuse_seeds))
+            claimed = set(self._claim([key for group in groups for key in group]))
+            for group in groups:
+                mine = [key for key in group if key in claimed]
+                if mine:
+                    tasks = [self._task(key) for key in mine]
+                    ref = self.remote.remote(tasks[0]) if len(tasks) == 1 else self.remote_group.remote(tasks)
+                    self.inflight[ref] = (mine, time.time())
 
-    def _claim(self, group: list[str]) -> list[str]:
-        """The trials of `group` this runner now holds; someone else runs the others (or they ended)."""
-        claimed = []
-        for key in group:
-            self.held.add(key)  # before the claim commits: an interrupt right after it still hands it back
-            if self.store.claim(key, self.owner):
-                claimed.append(key)
-            else:
-                self.held.discard(key)
-                self.waiting_on_others.add(key)
+    def _claim(self, keys: list[str]) -> list[str]:
+        """The trials of `keys` this runner now holds; someone else runs the others (or they ended)."""
+        self.held.update(keys)  # before the claim commits: an interrupt right after it still hands them back
+        claimed = self.store.claim_many(keys, self.owner)
+        others = set(keys).difference(claimed)
+        self.held.difference_update(others)
+        self.waiting_on_others.update(others)
         return claimed
 
     def _task(self, key: str) -> dict[str, Any]:
@@ -426,37 +503,43 @@ class _GridPass:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         return ready
 
-    def record(self, ref: Any) -> None:
-        """Store what one ended task (a trial, or a fused group of trials) returned, then sync it to MLflow."""
+    def record(self, refs: list[Any]) -> None:
+        """Store what ended tasks (each a trial, or a fused group of trials) returned, in one transaction, then
+        hand them to the MLflow thread to sync."""
         import ray
         from ray.exceptions import RayTaskError, TaskCancelledError
-        keys = self.inflight[ref][0]
-        try:
-            answer = ray.get(ref)
-        except TaskCancelledError:
-            answer = None
-        except Exception as exc:
-            # The trial raised (RayTaskError): retry it, resuming its checkpoint, up to max_retries times.
-            # Anything else means Ray already spent its own max_retries on lost workers or nodes: final.
-            self._failed(keys, _first_line(exc, 2000), self.spec.max_retries if isinstance(exc, RayTaskError) else 0)
-            answer = None
-        if answer is not None:
-            live = {}
+        results: dict[str, dict[str, Any]] = {}
+        live: dict[str, str] = {}
+        for ref in refs:
+            keys = self.inflight[ref][0]
+            try:
+                answer = ray.get(ref)
+            except TaskCancelledError:
+                continue
+            except Exception as exc:
+                # The trial raised (RayTaskError): retry it, resuming its checkpoint, up to max_retries times.
+                # Anything else means Ray already spent its own max_retries on lost workers or nodes: final.
+                self._failed(keys, _first_line(exc, 2000),
+                             self.spec.max_retries if isinstance(exc, RayTaskError) else 0)
+                continue
             for key, result in zip(keys, answer if isinstance(answer, list) else [answer]):
                 if run := result.pop(LIVE_KEY, None):
                     live[key] = run
-                self.executed += int(self.store.finish(key, self.owner, result))
-            self.runner._syncer.submit(self.runner.sync_mlflow, self.spec, self.grid_id, set(keys), live)
-        self._forget(ref)
+                results[key] = result
+        if results:
+            self.executed += len(self.store.finish_many(self.owner, results))
+            self.runner._want(self.spec, self.grid_id, synced={key: live.get(key) for key in results})
+        for ref in refs:
+            self._forget(ref)
 
     def _failed(self, keys: list[str], error: str, retries: int) -> None:
         """A failed attempt: queued again while retries remain (back on `todo`), else an error to sync."""
         for key in keys:
             if self.store.fail(key, self.owner, error, retries) == "queued":
                 self.todo.append(key)
-                self.runner._prepared.pop(key, None)  # prepared again: its child run SCHEDULED again
+                self.runner._retry_run(key)
             else:
-                self.runner._syncer.submit(self.runner.sync_mlflow, self.spec, self.grid_id, {key})
+                self.runner._want(self.spec, self.grid_id, synced={key: None})
 
     def _forget(self, ref: Any) -> None:
         """The task is done with: its trials are this runner's no more (only after they were recorded, so an

@@ -13,7 +13,7 @@ import sys
 import threading
 import traceback
 
-from ablations.vocabulary import ACTIVE, ENDED
+from ablations.vocabulary import ACTIVE
 
 from .grids import GridSpec, parse_grid
 from .scheduler import GridRunner
@@ -54,8 +54,7 @@ class GridService:
         if any(counts[s] for s in ACTIVE):
             return True
         # Ended trials whose MLflow runs could not be synced yet (server down): the runner syncs them.
-        return any(not t["mlflow_synced"] for t in self.store.grid_trials(grid_id)
-                   if t["status"] in ENDED)
+        return self.store.unsynced(grid_id) > 0
 
     def _run_grid(self, grid_id: str, spec: GridSpec) -> None:
         try:

@@ -417,8 +417,8 @@ def test_ctrl_c_leaves_a_resumable_grid(tmp_path):
 def test_ctrl_c_between_a_claim_and_its_submission_hands_the_trial_back(ablate_home, local_ray):
     """The interrupt lands right after a claim committed, before its task exists: nothing stays running."""
     class InterruptedAfterClaim(StateStore):
-        def claim(self, key, owner, **kw):
-            super().claim(key, owner, **kw)
+        def claim_many(self, keys, owner, **kw):
+            super().claim_many(keys, owner, **kw)
             raise KeyboardInterrupt
 
     runner = GridRunner(store=InterruptedAfterClaim(), progress=False)
