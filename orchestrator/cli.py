@@ -17,6 +17,7 @@ from typing import Any, Callable
 from ablations.spec import BLOCKS, SHORTCUTS, UNITS, VARIANTS, excerpt
 from ablations.vocabulary import DATASET_SHAPES, MEASURED, METRICS, STATUSES
 from dashboards import DEFAULT_DESIGN, DESIGNS
+from .cluster import ClusterError
 
 
 class UsageError(ValueError):
@@ -604,6 +605,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ablate {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ClusterError as exc:  # the run is not lost: its trials stay queued for the next start
+        if args.json:
+            print(json.dumps({"error": str(exc)}))
+        print(f"ablate {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     code = result.pop("exit_code", 0) if isinstance(result, dict) else 0
     if args.json:
         print(json.dumps(result, default=str))
