@@ -5,6 +5,8 @@ typo fails with the list of choices before any module is built.
 """
 from __future__ import annotations
 
+import difflib
+
 import re
 from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
@@ -305,8 +307,11 @@ def variant_fields(name: str) -> dict[str, Any]:
 def check_variant(name: str) -> str:
     """`name` when the catalogue has it, else ValueError listing the catalogue (a spec may write its own)."""
     if name not in VARIANTS:
-        raise ValueError(f"unknown variant {excerpt(name)}; catalogue: {', '.join(VARIANTS)} "
-                         f"(or write a mapping with name and model fields)")
+        near = difflib.get_close_matches(name, VARIANTS, n=3) if isinstance(name, str) and len(name) < 100 else []
+        hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+        # The catalogue has outgrown one line of error: `ablate models` prints it with each entry's figure.
+        raise ValueError(f"unknown variant {excerpt(name)}{hint}; catalogue: `ablate models` lists its "
+                         f"{len(VARIANTS)} names (or write a mapping with name and model fields)")
     return name
 
 

@@ -10,7 +10,7 @@ import reprlib
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 40, 40, 30
@@ -80,3 +80,6 @@ def check_data_dir(path: str) -> str:
 # The two as field types of the spec models (grid, tuning study): pydantic runs the check on the value.
 DatasetName = Annotated[str, AfterValidator(check_dataset)]
 DataDir = Annotated[str, AfterValidator(check_data_dir)]
+# The first N training examples: at most the largest training set (a subset beyond a dataset's size is all
+# of it), so a huge number is refused where it is read instead of reaching arithmetic that cannot hold it.
+Subset = Annotated[int, Field(ge=1, le=max(DATASET_SIZES.values()))]

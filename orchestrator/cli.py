@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ablations.spec import BLOCKS, SHORTCUTS, UNITS, VARIANTS, excerpt
-from ablations.vocabulary import DATASET_SHAPES, MEASURED, METRICS
+from ablations.vocabulary import DATASET_SHAPES, MEASURED, METRICS, STATUSES
 from dashboards import DEFAULT_DESIGN, DESIGNS
+from .cluster import ClusterError
 
 
 class UsageError(ValueError):
@@ -446,9 +447,25 @@ def print_human(name: str, result: Any) -> None:
         print_table(result["comparison"], console)
         console.print(f"grid {result['grid']}: {result['trials']} trials, {result['executed']} trained now, "
                       f"{result['reused']} reused; {result['counts']}", highlight=False)
-    elif name in ("status", "grids") and ("grids" in result):
+    elif name == "grids":
+        table = Table(title="Bundled grids (ablate run NAME; ablate compare NAME)")
+        for col in ("name", "dataset", "depths", "variants", "seeds", "recipe", "trials"):
+            table.add_column(col, justify="right" if col in ("seeds", "trials") else "left")
         for g in result["grids"]:
-            console.print(g, highlight=False)
+            recipe = g["recipe"] if isinstance(g["recipe"], str) else ", ".join(f"{k}={v}" for k, v in g["recipe"].items())
+            dataset = g["dataset"] if isinstance(g["dataset"], str) else ", ".join(g["dataset"])
+            table.add_row(g["name"], dataset, ", ".join(map(str, g["depths"])), ", ".join(g["variants"]),
+                          str(g["seeds"]), recipe, str(g["trials"]))
+        console.print(table)
+    elif name == "status" and "grids" in result:
+        table = Table(title="Grids")
+        columns = ("name", "grid", *STATUSES)
+        for col in columns:
+            table.add_column(col, justify="left" if col in ("name", "grid") else "right")
+        for g in result["grids"]:
+            name_cell = g["name"] + (" (cancelled)" if g.get("grid_cancelled") else "")
+            table.add_row(name_cell, g["id"], *(str(g.get(k, 0)) for k in STATUSES))
+        console.print(table)
     elif name == "models" and "variants" in result:
         table = Table(title="Variant catalogue (use a name in a grid, or --variant)")
         for col in ("name", "figure", "fields"):
@@ -588,6 +605,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ablate {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ClusterError as exc:  # the run is not lost: its trials stay queued for the next start
+        if args.json:
+            print(json.dumps({"error": str(exc)}))
+        print(f"ablate {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     code = result.pop("exit_code", 0) if isinstance(result, dict) else 0
     if args.json:
         print(json.dumps(result, default=str))

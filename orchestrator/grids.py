@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ablations.paper import GRIDS
 from ablations.spec import (MODEL_FIELDS, CatalogueVariant, SpecError, dataset_model_fields, excerpt, load_yaml,
                             make_spec, omit_at_defaults, raise_one_line, validate_mapping, variant_fields)
-from ablations.vocabulary import DATASET_SHAPES, DataDir, DatasetName
+from ablations.vocabulary import DATASET_SHAPES, DATASET_SIZES, DataDir, DatasetName, Subset
 
 NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
 DEFAULT_MAX_TRIALS = 5000
@@ -76,7 +76,7 @@ class GridSpec(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN)
     dataset: DatasetName | list[DatasetName]
-    subset: int | None = Field(None, ge=1)
+    subset: Subset | None = None
     data_dir: DataDir | None = Field(None, description="datasets root on every node; not part of trial identity")
     recipe: str | dict[str, Any] = "mini-cpu"
     depths: list[int] = Field(min_length=1)
@@ -262,6 +262,10 @@ def expand_grid(spec: GridSpec, tuned: dict[str, dict[str, Any]] | None = None,
         raise GridError(f"the grid expands to {count} trials, more than the cap of {cap} (ABLATE_MAX_TRIALS)")
     recipes = {}
     for dataset in spec.datasets:
+        # An image folder may hold any part of ImageNet; the other training sets have one size.
+        if spec.subset and dataset != "imagenet" and spec.subset > DATASET_SIZES[dataset]:
+            raise GridError(f"subset {spec.subset}: the {dataset} training set has {DATASET_SIZES[dataset]} "
+                            f"examples")
         for name, recipe in spec.variant_recipes().items():
             try:
                 recipes[dataset, name] = resolve_recipe(recipe, {"precision": spec.precision} if spec.precision

@@ -47,6 +47,9 @@ def test_status_by_name_and_all(finished_grid):
     assert one["grid"] == out["grid"] and one["finished"] == 4 and one["queued"] == 0
     every = ablate("status", "--json", env=env).json
     assert out["grid"] in [g["id"] for g in every["grids"]]
+    text = ablate("status", env={**env, "COLUMNS": "200"}).out  # a table of grids, a row each
+    row = next(line for line in text.splitlines() if out["grid"] in line)
+    assert row.split("│")[1].strip() == "cli-smoke" and row.split("│")[5].strip() == "4", text
 
 
 @pytest.mark.parametrize("fmt", ["table", "markdown", "latex", "csv"])
@@ -125,3 +128,8 @@ def test_grids_lists_the_paper_tables():
     assert by_name["mini-table2"]["dataset"] == "fashion-mnist"
     assert by_name["table5"]["dataset"] == "imagenet" and by_name["table5"]["trials"] == 4
     assert by_name["table5"]["recipe"] == "paper-imagenet" and by_name["table3-1layer"]["trials"] == 10
+    # Without --json, a table a person reads: a row per grid, no Python dict dump.
+    text = ablate("grids", env={"COLUMNS": "250"}).out
+    assert "{'" not in text and "'name'" not in text
+    rows = [line for line in text.splitlines() if line.startswith("│ table5 ")]
+    assert len(rows) == 1 and "imagenet" in rows[0] and "paper-imagenet" in rows[0], text[-3000:]

@@ -66,6 +66,7 @@ baseline: half
 
 @pytest.mark.parametrize("change,needle", [
     ({"variants": ["original", "nope"]}, "unknown variant 'nope'"),
+    ({"variants": ["original", "ful_preact"]}, "unknown variant 'ful_preact' (did you mean full_preact"),
     ({"variants": []}, "variants"),
     ({"depths": []}, "depths"),
     ({"seeds": 0}, "seeds must be a positive count"),
@@ -91,6 +92,8 @@ baseline: half
     ({"resources": {"workers": 2}, "recipe": {"base": "smoke", "sync_bn": True}}, "sync_bn needs GPUs"),
     ({"recipe": {"base": "smoke", "sync_bn": True}, "resources": {"gpu": 1}},
      "sync_bn only means something with several workers"),
+    ({"subset": 5_001}, "subset 5001: the synthetic training set has 5000 examples"),
+    ({"subset": 10**400}, "subset"),  # refused as a field, before any arithmetic on it
 ])
 def test_rejected_specs(change, needle):
     with pytest.raises(GridError) as info:

@@ -7,6 +7,7 @@ import json
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ablations.spec import ModelSpec, omit_at_defaults
+from ablations.vocabulary import Subset
 
 from .recipes import Recipe
 
@@ -23,7 +24,7 @@ class TrialConfig(BaseModel):
 
     model: ModelSpec
     dataset: str
-    subset: int | None = Field(None, ge=1)
+    subset: Subset | None = None
     validation: float = Field(0.0, ge=0.0, lt=1.0)
     recipe: Recipe
     seed: int = Field(ge=0, le=2**31 - 1)

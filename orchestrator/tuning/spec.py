@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ablations.spec import CatalogueVariant, load_yaml, validate_mapping, variant_fields
-from ablations.vocabulary import DataDir, DatasetName, excerpt
+from ablations.vocabulary import DataDir, DatasetName, Subset, excerpt
 
 from ..grids import NAME_PATTERN, Resources, VariantSpec
 
@@ -38,7 +38,7 @@ class TuneSpec(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN)
     dataset: DatasetName
-    subset: int | None = Field(None, ge=1)
+    subset: Subset | None = None
     data_dir: DataDir | None = Field(None, description="datasets root on every node, as in a grid")
     depth: int = Field(ge=1)
     block: Literal["basic", "bottleneck"] | None = None
