@@ -10,6 +10,11 @@ about two tasks per free slot in flight so a slot never waits on the driver. A t
 Crash safety comes from the state store: a trial runs only after an atomic claim, its checkpoints live
 under a path every node can read (`ABLATE_CHECKPOINT_DIR`, default $ABLATE_HOME/checkpoints), and a
 trial whose driver died is taken over once its heartbeat is stale and resumes from its last checkpoint.
+
+Scale: the loop claims the trials for all its free slots at once and stores every result that arrived
+together (a few statements per batch, not per trial), and never waits on MLflow: child runs are made and
+synced in batches on threads of their own. A server slower than the cluster only makes MLflow lag (the
+parent run's `mlflow_unsynced`); the state store's record stays the truth and the runs catch up from it.
 """
 from __future__ import annotations
 

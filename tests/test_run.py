@@ -317,6 +317,40 @@ def test_failing_trials_retry_then_error(ablate_home, local_ray, tmp_path):
     assert trial["attempts"] == 2 and "cifar-10-batches-py" in trial["error"]
 
 
+def instant_trial(task: dict) -> dict:
+    """A trial that only returns a result: what is tested is what happens around it."""
+    return {"status": "finished", "test_error": 50.0, "train_loss": 1.0, "train_error": 50.0, "history": [],
+            "iterations": 40}
+
+
+def test_mlflow_down_delays_the_runs_never_the_trials_and_the_runs_catch_up(ablate_home, local_ray,
+                                                                            mlflow_server):
+    """The state store's record is the truth: with MLflow unreachable the grid still runs to the end and says
+    how many runs lag; the next run with MLflow back makes each missing run, final, from the record."""
+    spec = load_grid({**SMOKE, "name": "lagging-t"})
+    down = GridRunner(store=StateStore(), tracker=Tracker("http://127.0.0.1:9"), trial_fn=instant_trial,
+                      progress=False)
+    out = down.run(spec, sync_timeout_s=0)
+    assert out["counts"]["finished"] == out["executed"] == 4 and out["mlflow_unsynced"] == 4
+    status = ablate("status", out["grid"], "--json")
+    assert status.code == 0 and (status.json["finished"], status.json["mlflow_unsynced"]) == (4, 4)
+
+    back = GridRunner(store=StateStore(), tracker=Tracker(mlflow_server.uri), trial_fn=instant_trial,
+                      progress=False).run(spec)
+    assert (back["executed"], back["mlflow_unsynced"]) == (0, 0)
+    assert ablate("status", out["grid"], "--json").json["mlflow_unsynced"] == 0
+    client = MlflowClient(mlflow_server.uri)
+    kids = children(client, back["mlflow_run_id"])
+    by_key = {t["key"]: t for t in StateStore().grid_trials(out["grid"])}
+    assert sorted(r.data.tags["ablate.trial"] for r in kids) == sorted(by_key)
+    for run in kids:
+        trial = by_key[run.data.tags["ablate.trial"]]
+        assert run.info.run_id == trial["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert (run.data.tags["ablate.status"], run.data.tags["ablate.iteration"]) == ("finished", "40/40")
+        assert run.data.params["seed"] == str(trial["seed"]) and run.data.params["recipe.iterations"] == "40"
+    assert client.get_run(back["mlflow_run_id"]).data.metrics["mlflow_unsynced"] == 0
+
+
 def never_answering_trial(task: dict) -> dict:
     """A trial that ignores its time limit (a hung worker): only the scheduler's backstop ends it."""
     import time
