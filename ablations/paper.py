@@ -106,13 +106,17 @@ GRIDS: dict[str, dict[str, Any]] = {
     "mini-table2": dict(name="mini-table2", dataset="fashion-mnist", recipe="mini-cpu", depths=[20],
                         paper_setting=["cifar10", 110],
                         variants=TABLE2_VARIANTS, seeds=3, baseline="original", resources={"cpu": 1, "gpu": 0}),
-    # The README's main job: two placements and the scaled shortcut, minutes on two cores.
-    # Width 8 and one evaluation at the end buy the whole mini-cpu schedule in two minutes a trial: measured on
-    # one core, original-20, seed 0: width 8 × 800 iterations 14.90% test error in 115 s; width 16 × 400
-    # iterations 18.09% in 120 s.
-    "demo": dict(name="demo", dataset="fashion-mnist", subset=20000, width=8,
-                 recipe={"base": "mini-cpu", "eval_every": 800},
-                 depths=[20], variants=["original", "full_preact", "scale-0.5"], seeds=2, baseline="original",
+    # The README's main job: the paper's dropout shortcut (Table 1, Fig. 2f) against the identity, three seeds
+    # each, decided within minutes on two cores. Width 8 buys the whole mini-cpu schedule (with its eight
+    # intermediate evaluations on 2,000 test images, the live test-error curve) in about two minutes a trial:
+    # measured on one core, original-20, seed 0: width 8 × 800 iterations 14.90% test error in 115 s.
+    # Why this pair and three seeds: at 8 seeds of this very setting (ablations/examples/mini-tables.yaml),
+    # dropout-0.5 was 3.9-6.8 points worse than the identity on every seed, while the Table 2 placements
+    # differed from it by under one point with a seed spread of about 1.3: no design of a few seeds decides
+    # those. Two seeds cannot decide anything either (a paired t-test with one degree of freedom needs
+    # t > 12.7); three can.
+    "demo": dict(name="demo", dataset="fashion-mnist", subset=20000, width=8, recipe="mini-cpu",
+                 depths=[20], variants=["original", "dropout-0.5"], seeds=3, baseline="original",
                  resources={"cpu": 1, "gpu": 0}, paper_setting=["cifar10", 110]),
     "smoke": dict(name="smoke", dataset="synthetic", subset=512, recipe="smoke", depths=[8], block="basic", width=4,
                   variants=["original", "full_preact"], seeds=2, baseline="original",

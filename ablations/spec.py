@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
@@ -202,6 +203,18 @@ def validate_mapping(model: type[M], data: Any, error: type[ValueError], subject
         return model.model_validate(data)
     except ValidationError as exc:
         raise_one_line(exc, error, subject)
+
+
+def spec_text(source: str, error: type[ValueError], subject: str) -> str:
+    """`source` itself when it holds a document (a newline), else the text of the file it names."""
+    if "\n" in source:
+        return source
+    try:
+        return Path(source).read_text()
+    except FileNotFoundError:
+        raise error(f"{subject} file {excerpt(source)} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {subject} file {excerpt(source)}: {exc}") from None
 
 
 def load_yaml(text: str, error: type[ValueError], subject: str) -> Any:

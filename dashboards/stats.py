@@ -24,21 +24,22 @@ result):
   whatever metric is compared: the `failed` column describes runs, not the metric.
 So for every cell: ended runs (finished, diverged, error) ≤ n + failed.
 
-Paired by seed (the default, `design="paired"`; dashboards.DEFAULT_DESIGN): seed s of two variants gets bit-identical initial weights
-for every layer both networks have (same shapes, same order), the same data order and the same
-augmentation: common random numbers, as every Ablate grid shares its seeds across variants. So Δ, its CI,
-p and P(improvement) come from the per-seed differences d = variant − baseline over the seeds both have
+Two designs (dashboards.DEFAULT_DESIGN says which is used unless asked). Welch (the default,
+`design="welch"`): the independent-samples analysis, Welch's t (unequal variances: unstable variants spread
+more), Δ = difference of the means, P(improvement) = U / (n₁n₂) over all pairs of runs. Paired by seed
+(`design="paired"`): seed s of two variants gets bit-identical initial weights for every layer both
+networks have (same shapes, same order), the same data order and the same augmentation, so Δ, its CI, p and
+P(improvement) may come from the per-seed differences d = variant − baseline over the seeds both have
 (exact pairs only; seeds on one side only are listed in `unpaired_seeds`): Δ = mean(d), CI of mean(d)
 (Student's t below BOOTSTRAP_MIN_N pairs, BCa bootstrap of the differences from there, as the mean CIs),
 p from the paired t-test, P(improvement) = the share of pairs where the variant is lower (ties half).
-The paired test is valid whatever the correlation between the arms; how much it gains is measured, not
-assumed: every comparison reports the Pearson and Spearman correlation of its per-seed values, var(d)
-against var₁ + var₂ over the same seeds, and their ratio `pair_efficiency` (how many times the seeds an
-independent-samples analysis would need for the same CI width), in both designs. The design is chosen by
-how the seeds were assigned, never per table from these numbers. `design="welch"` keeps the
-independent-samples analysis: Welch's t (unequal variances: unstable variants spread more), Δ = difference
-of the means, P(improvement) = U / (n₁n₂) over all pairs of runs. Hedges' g always standardises by the two
-arms' pooled SD (over the pairs in the paired design), so it reads the same in both designs.
+Both are valid whatever the correlation between the arms; what pairing would gain is measured in every
+comparison, in both designs: the Pearson and Spearman correlation of its per-seed values, var(d) against
+var₁ + var₂ over the same seeds, and their ratio `pair_efficiency` (how many times the seeds an
+independent-samples analysis needs for the CI width of a paired one). Measured on real grids it was about
+1 (see dashboards/__init__.py), so the default is Welch; the design is never chosen per table from these
+numbers. Hedges' g always standardises by the two arms' pooled SD (over the pairs in the paired design), so
+it reads the same in both designs.
 
 Each cell also gives the test set's own sampling error beside the seed spread: `test_se` =
 100·sqrt(p(1 − p) / N_test) points for the cell's mean error p, with N_test from the result record's

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ablations.paper import GRIDS
 from ablations.spec import (MODEL_FIELDS, CatalogueVariant, SpecError, dataset_model_fields, excerpt, load_yaml,
-                            make_spec, omit_at_defaults, raise_one_line, validate_mapping, variant_fields)
+                            make_spec, omit_at_defaults, raise_one_line, spec_text, validate_mapping,
+                            variant_fields)
 from ablations.vocabulary import DATASET_SHAPES, DATASET_SIZES, DataDir, DatasetName, Subset
 
 NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
@@ -234,12 +235,7 @@ def load_grid(source: str | os.PathLike | dict) -> GridSpec:
         if text.endswith((".yaml", ".yml", ".json")) or os.sep in text:
             raise GridError(f"grid file {excerpt(text)} does not exist")
         raise GridError(f"{excerpt(text)} is neither a grid file nor a bundled grid ({', '.join(GRIDS)})")
-    if "\n" not in text:
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise GridError(f"cannot read grid file {path}: {exc}") from None
-    return parse_grid_text(text)
+    return parse_grid_text(spec_text(text, GridError, "grid"))
 
 
 def parse_grid_text(text: str) -> GridSpec:

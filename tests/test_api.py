@@ -108,8 +108,8 @@ def test_openapi_documents_the_grid_body(client):
 
 def test_comparison_design_and_plan_endpoints(client):
     grid_id = client.post("/grids", content=GRID_YAML).json()["id"]
-    assert client.get(f"/grids/{grid_id}/comparison").json()["design"] == "paired"
-    assert client.get(f"/grids/{grid_id}/comparison", params={"design": "welch"}).json()["design"] == "welch"
+    assert client.get(f"/grids/{grid_id}/comparison").json()["design"] == "welch"
+    assert client.get(f"/grids/{grid_id}/comparison", params={"design": "paired"}).json()["design"] == "paired"
     assert client.get(f"/grids/{grid_id}/comparison", params={"design": "pooled"}).status_code == 422
     plan = client.get(f"/grids/{grid_id}/plan", params={"delta": 0.5})
     assert plan.status_code == 200 and plan.json()["rows"] == [] and plan.json()["power"] == 0.8

@@ -142,7 +142,7 @@ def test_trial_config_round_trips_with_the_same_key():
 @pytest.mark.parametrize("name,first,last", [
     ("table1", "6df13369e0fa907233b7", "ba02f353492eb5b0f0fb"),
     ("mini-table2", "0c2eb0aa00ca83e83219", "bcd0b158c44690380d7b"),
-    ("demo", "fa61a7ac416f1c1e46d9", "47007034328bfdc19bb1"),
+    ("demo", "b52162e64d2c16a139dc", "0a936cac7e744a29d2fe"),  # the mini-tables trials of its cells
     ("smoke", "4e6108e4baeac1416549", "524f585c6224e3c0d0d7"),
 ])
 def test_existing_trial_keys_stay(name, first, last):

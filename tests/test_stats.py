@@ -36,8 +36,10 @@ def cell(rows: list[dict], variant: str, depth: int = 110, dataset: str = "cifar
     return row
 
 
-def pair(values, base=BASE, **kw) -> dict:
-    return cell(compare(trials("original", base) + trials("v", values), "original", **kw), "v")
+def pair(values, base=BASE, design="paired", **kw) -> dict:
+    """The variant's row; paired unless asked (most tests here are of the per-seed analysis; the default
+    design of `compare` is tested apart)."""
+    return cell(compare(trials("original", base) + trials("v", values), "original", design=design, **kw), "v")
 
 
 def plain(x) -> bool:
@@ -365,7 +367,7 @@ def test_only_exact_pairs_enter_and_unmatched_seeds_are_listed():
     results = (trials("original", BASE)
                + trials("v", [6.0, 6.2], seed0=0) + trials("v", [5.0], status="error", seed0=2)
                + trials("v", [6.3, 6.1, 6.5], seed0=3))                       # seed 5 has no baseline
-    row = cell(compare(results, "original"), "v")
+    row = cell(compare(results, "original", design="paired"), "v")
     paired = [0, 1, 3, 4]
     d = np.array([6.0, 6.2, 6.3, 6.1]) - np.array(BASE)[paired]
     assert row["pairs"] == 4 and row["unpaired_seeds"] == [2, 5] and row["seeds"] == [0, 1, 3, 4, 5]
@@ -424,3 +426,11 @@ def test_dataset_test_sizes_match_the_loader():
     from ablations.vocabulary import TEST_SIZES
     from workers.data import load_dataset
     assert len(load_dataset("synthetic").test.y) == TEST_SIZES["synthetic"]
+
+
+def test_welch_is_the_default_design():
+    """The pairing measurement on real runs found no correlation to remove (dashboards/__init__.py)."""
+    x = [6.1, 6.4, 5.9, 6.3]
+    default = cell(compare(trials("original", BASE) + trials("v", x), "original"), "v")
+    assert default == pair(x, design="welch") and default != pair(x, design="paired")
+    assert default["p_value"] == pytest.approx(stats.ttest_ind(x, BASE, equal_var=False).pvalue)

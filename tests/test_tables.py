@@ -49,7 +49,7 @@ def test_a_narrow_terminal_gets_settings_as_rows_and_fewer_columns_never_squeeze
 
 def test_document_carries_the_contract_keys(doc):
     assert list(doc) == ["grid", "metric", "alpha", "design", "sequential", "rows", "summary"]
-    assert doc["design"] == "paired" and doc["sequential"] is None
+    assert doc["design"] == "welch" and doc["sequential"] is None
     assert [s["variant"] for s in doc["summary"]] == ["original", "full_preact", "bn_after_add", "scale-0"]
 
 
@@ -180,11 +180,11 @@ def test_a_sequential_grid_shows_the_plans_decisions_with_look_and_alpha_spent()
 
 def test_pairing_table_and_test_se_in_the_human_formats(doc):
     text = render(doc, "markdown")
-    assert "| setting | variant | pairs | unpaired |" in text and "test SE" in text and "Δ paired by seed" in text
+    assert "| setting | variant | pairs | unpaired |" in text and "test SE" in text and "Δ by Welch's t" in text
     full = next(r for r in doc["rows"] if r["variant"] == "full_preact" and r["setting"]["depth"] == 110)
     assert f"{full['test_se']:.2f}" in text and f"{full['pair_efficiency']:.2f}" in text
-    welch = document("g", "test_error", doc["rows"], design="welch")
-    assert "Δ by Welch's t" in render(welch, "table")
+    paired = document("g", "test_error", doc["rows"], design="paired")
+    assert "Δ paired by seed" in render(paired, "table")
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_every_format_means_that_format_on_standard_output(stored_grid, fmt, tmp
     out = proc.stdout
     if fmt == "json":
         doc = json.loads(out)
-        assert doc["design"] == "paired" and [r["variant"] for r in doc["rows"]] == ["original", "full_preact"]
+        assert doc["design"] == "welch" and [r["variant"] for r in doc["rows"]] == ["original", "full_preact"]
         assert doc["rows"][0]["test_size"] == 500   # read from the result record
     elif fmt == "parquet":
         assert pq.read_table(io.BytesIO(out)).num_rows == 2

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ablations.spec import CatalogueVariant, load_yaml, validate_mapping, variant_fields
+from ablations.spec import CatalogueVariant, load_yaml, spec_text, validate_mapping, variant_fields
 from ablations.vocabulary import DataDir, DatasetName, Subset, excerpt
 
 from ..grids import NAME_PATTERN, Resources, VariantSpec
@@ -147,13 +146,5 @@ def load_tune_spec(source: str | os.PathLike | dict) -> TuneSpec:
     """A YAML/JSON file, YAML/JSON text, or an already parsed mapping."""
     if isinstance(source, dict):
         return parse_tune_spec(source)
-    text = str(source)
-    if "\n" not in text:
-        try:
-            text = Path(text).read_text()
-        except FileNotFoundError:
-            raise TuneError(f"tuning spec file {source} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TuneError(f"cannot read tuning spec {source}: {exc}") from None
-    return parse_tune_spec(load_yaml(text, TuneError, "tuning spec"))
+    return parse_tune_spec(load_yaml(spec_text(str(source), TuneError, "tuning spec"), TuneError, "tuning spec"))
 
