@@ -199,10 +199,10 @@ def cmd_run(args: argparse.Namespace) -> Any:
     runner = GridRunner(store=store, progress=True)
     try:
         if args.until_decided:
-            from .adaptive import run_until_decided
+            from .adaptive import PlanError, run_until_decided
             try:
                 out = run_until_decided(runner, spec, args.max_seeds, args.batch, args.margin)
-            except ValueError as exc:
+            except PlanError as exc:
                 raise UsageError(str(exc)) from None
         else:
             out = runner.run(spec)
