@@ -1,8 +1,8 @@
 """What watching a trial in MLflow costs: the same real trial trained with its metrics going nowhere and
 with them going to MLflow through the trial's own sink, in the same run.
 
-The trial is the demo's network on CIFAR-shaped synthetic data (ResNet-20 at width 8, batch 128, the
-mini-cpu schedule stretched to `--iterations`), trained by `workers.trainer.run_trial`, the product itself:
+The trial is the demo's network on CIFAR-shaped synthetic data (ResNet-20 at width 8, the mini-cpu
+schedule, batch 64, stretched to `--iterations`), trained by `workers.trainer.run_trial`, the product itself:
 - null: `NullSink`, metrics recorded in the trial's history only;
 - mlflow: `orchestrator.tracking.MlflowSink` on a child run of the embedded default store (sqlite, as
   `ablate run` without MLFLOW_TRACKING_URI), with its default log cadence (1% of the run, at least every
@@ -36,9 +36,6 @@ from workers.recipes import make_recipe, resolve_recipe  # noqa: E402
 from workers.sinks import NullSink  # noqa: E402
 from workers.trainer import run_trial, trial_config  # noqa: E402
 
-BATCH = 128
-
-
 def one_trial(mode: str, iterations: int, uri: str, seed: int) -> dict:
     from mlflow.tracking import MlflowClient
 
@@ -63,7 +60,7 @@ def one_trial(mode: str, iterations: int, uri: str, seed: int) -> dict:
     if run_id:
         client = MlflowClient(uri)
         points = sum(len(client.get_metric_history(run_id, m)) for m in client.get_run(run_id).data.metrics)
-    return {"wall": wall, "img_s": iterations * BATCH / wall, "logged_img_s": statistics.mean(rates),
+    return {"wall": wall, "img_s": iterations * recipe.batch_size / wall, "logged_img_s": statistics.mean(rates),
             "points": points, "history": len(result["history"])}
 
 
