@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from ablations.vocabulary import first_line
 from dashboards.sequential import Plan, latest, look, planned_looks, replay, sample
 from dashboards.stats import paired_differences
 
@@ -129,5 +130,5 @@ def _tag_decisions(runner: GridRunner, grid_id: str, keys: list[tuple[str, int, 
     try:
         runner.tracker.tag_run(run_id, tags)
     except Exception as exc:
-        print(f"ablate: MLflow unreachable ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
+        print(f"ablate: MLflow unreachable ({first_line(exc)[:200]}); "
               f"decisions stay in the state store and are tagged on the next run", file=sys.stderr)
