@@ -78,8 +78,14 @@ def check_data_dir(path: str) -> str:
 
 
 # The two as field types of the spec models (grid, tuning study): pydantic runs the check on the value.
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 DatasetName = Annotated[str, AfterValidator(check_dataset)]
 DataDir = Annotated[str, AfterValidator(check_data_dir)]
-# The first N training examples: at most the largest training set (a subset beyond a dataset's size is all
-# of it), so a huge number is refused where it is read instead of reaching arithmetic that cannot hold it.
+# The first N training examples: at most the largest training set, so a huge number is refused where it is
+# read instead of reaching arithmetic that cannot hold it (a grid also checks it against its dataset's size).
 Subset = Annotated[int, Field(ge=1, le=max(DATASET_SIZES.values()))]

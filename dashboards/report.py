@@ -171,7 +171,13 @@ def _clip_failures(ax: Any, rows: list[dict], seeds: list[float]) -> None:
     below = [v for v in shown if v <= FAIL_THRESHOLD]
     if not below or len(below) == len(shown):
         return
+    # Only what would flatten the rest goes off the top: a variant just past 20% (the demo's dropout-0.5 at
+    # 20.6 against 14.4) stays drawn, seeds and CI whole; one near chance (90%) does not.
     low, high = min(below), max(below)
+    kept = [v for v in shown if v <= high + 3 * max(high - low, 1.0)]
+    if len(kept) == len(shown):
+        return
+    low, high = min(kept), max(kept)
     top = high + 0.12 * max(high - low, 1.0)
     ax.set_ylim(top=top)
     for x, row in enumerate(rows):

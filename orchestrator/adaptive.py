@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from ablations.vocabulary import first_line
 from dashboards.sequential import Plan, latest, look, planned_looks, replay, sample
 from dashboards.stats import paired_differences
 
@@ -20,6 +21,10 @@ from .grids import GridSpec, expand_cells
 from .scheduler import GridRunner
 
 DEFAULT_MARGIN = 0.2   # points of test error: the smallest difference the plan must tell from none
+
+
+class PlanError(ValueError):
+    """The sequential plan asked for is invalid, or contradicts the one stored with the grid (bad input)."""
 
 
 def plan_for(spec: GridSpec, max_seeds: int | None = None, batch: int | None = None,
@@ -43,11 +48,13 @@ def run_until_decided(runner: GridRunner, spec: GridSpec, max_seeds: int | None 
     store = runner.store
     grid_id = runner.submit(spec)
     stored = store.sequential_plan(grid_id)
-    if stored is None:
-        plan = Plan.from_dict(store.start_sequential(grid_id, plan_for(spec, max_seeds, batch, margin).as_dict()))
-    else:
-        plan = Plan.from_dict(stored)
-        _check_same(spec, plan, max_seeds, batch, margin)
+    try:  # what the user asked for is checked here, apart: a ValueError from a run is not bad input
+        requested = plan_for(spec, max_seeds, batch, margin) if stored is None else None
+        if stored is not None:
+            _check_same(spec, Plan.from_dict(stored), max_seeds, batch, margin)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    plan = Plan.from_dict(stored if stored is not None else store.start_sequential(grid_id, requested.as_dict()))
     keys = comparisons(spec)
     tuned = store.tuned_recipes() if spec.tuned_names() else None
     done = store.sequential_looks(grid_id)
@@ -123,5 +130,5 @@ def _tag_decisions(runner: GridRunner, grid_id: str, keys: list[tuple[str, int, 
     try:
         runner.tracker.tag_run(run_id, tags)
     except Exception as exc:
-        print(f"ablate: MLflow unreachable ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
+        print(f"ablate: MLflow unreachable ({first_line(exc)[:200]}); "
               f"decisions stay in the state store and are tagged on the next run", file=sys.stderr)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ablations.spec import BLOCKS, SHORTCUTS, UNITS, VARIANTS, excerpt
-from ablations.vocabulary import DATASET_SHAPES, MEASURED, METRICS, STATUSES
+from ablations.vocabulary import DATASET_SHAPES, MEASURED, METRICS, STATUSES, first_line
 from dashboards import DEFAULT_DESIGN, DESIGNS
 from .cluster import ClusterError
 
@@ -49,8 +49,7 @@ def one_line(exc: BaseException) -> str:
     from ablations.spec import validation_reason
     if isinstance(exc, ValidationError):
         return validation_reason(exc, "input")
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 # ----------------------------------------------------------------------------------------------- options
@@ -199,10 +198,10 @@ def cmd_run(args: argparse.Namespace) -> Any:
     runner = GridRunner(store=store, progress=True)
     try:
         if args.until_decided:
-            from .adaptive import run_until_decided
+            from .adaptive import PlanError, run_until_decided
             try:
                 out = run_until_decided(runner, spec, args.max_seeds, args.batch, args.margin)
-            except ValueError as exc:
+            except PlanError as exc:
                 raise UsageError(str(exc)) from None
         else:
             out = runner.run(spec)
@@ -585,6 +584,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _failed(args: argparse.Namespace, message: str, code: int) -> int:
+    """A command that could not do what it was asked: one line on standard error, and with --json the one
+    JSON document standard output holds."""
+    if args.json:
+        print(json.dumps({"error": message}))
+    print(f"ablate {args.command}: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -597,19 +605,12 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             result = COMMANDS[args.command](args)
     except _bad_input_types() as exc:
-        message = one_line(exc)
-        if args.json:
-            print(json.dumps({"error": message}))
-        print(f"ablate {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _failed(args, one_line(exc), 2)
     except KeyboardInterrupt:
         print(f"ablate {args.command}: interrupted", file=sys.stderr)
         return 130
     except ClusterError as exc:  # the run is not lost: its trials stay queued for the next start
-        if args.json:
-            print(json.dumps({"error": str(exc)}))
-        print(f"ablate {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return _failed(args, str(exc), 1)
     code = result.pop("exit_code", 0) if isinstance(result, dict) else 0
     if args.json:
         print(json.dumps(result, default=str))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from ablations.vocabulary import first_line
+
 
 class ClusterError(RuntimeError):
     """Ray could not be reached or started: not the user's input, and not a result (the CLI exits 1)."""
@@ -19,7 +21,7 @@ def ensure_ray() -> None:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError) as exc:
             raise ClusterError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                               f"{first_line(exc)}") from None
         return
     # A machine under heavy load can miss Ray's startup deadline once ("The current node timed out during
     # startup"); a second start usually makes it, and a grid run should not be lost to that.
@@ -30,4 +32,4 @@ def ensure_ray() -> None:
         except Exception as exc:  # Ray raises a bare Exception for a startup timeout
             ray.shutdown()
             if attempt == 2:
-                raise ClusterError(f"a local Ray did not start: {str(exc).splitlines()[0]}") from None
+                raise ClusterError(f"a local Ray did not start: {first_line(exc)}") from None

@@ -3,6 +3,7 @@ in a small simulation, `ablate plan` against statsmodels, and the stored plan on
 from the stored looks and never tests a look twice)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -131,8 +132,11 @@ def test_look_records_and_replay_never_test_a_stopped_comparison_again():
 
 def test_family_wise_error_under_the_null_stays_below_alpha():
     """A small version of bench/decisions.py: 4000 tables of 4 comparisons, looks at 3/6/9/12 seeds."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import decisions as bench
+    # Loaded from its file: bench/ on sys.path would shadow packages for every later test (bench/workers.py
+    # hid the `workers` package from the processes test_distributed spawns).
+    spec = importlib.util.spec_from_file_location("bench_decisions", ROOT / "bench" / "decisions.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     rng = np.random.default_rng(5)
     plan = Plan(looks=(3, 6, 9, 12), margin=1.0)
     sims = 4000

@@ -140,7 +140,7 @@ ITERATION_FIELDS = {iterations: epochs for epochs, iterations in EPOCH_FIELDS.it
 def training_size(dataset: str, subset: int | None = None, validation: float = 0.0) -> int:
     """Examples in one epoch of a trial's training set: the dataset's size (or `subset`) less the validation
     fraction, as workers/data.py splits it. What an epoch-based recipe counts in."""
-    n = min(subset or DATASET_SIZES[dataset], DATASET_SIZES[dataset])  # a subset past the end is all of it
+    n = subset or DATASET_SIZES[dataset]
     return n - round(validation * n)
 
 
