@@ -65,6 +65,9 @@ def placeholder_trial(task: dict) -> dict:
         return json.loads(done.read_text())
     began, start = time.time(), time.perf_counter()
     time.sleep(TRIAL_S)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "completions", "a") as log:  # the fault run counts whole executions per trial
+        log.write(f"{os.getpid()}\n")
     result = {"status": "finished", "test_error": 50.0, "train_loss": 1.0, "train_error": 50.0, "history": [],
               "iterations": 1, "resumed_from": None, "took": time.perf_counter() - start, "began": began,
               "ended": time.time()}
@@ -291,6 +294,176 @@ def summarise(store, grid_ids: list[str], out: dict, lag: Lag, slots: int) -> di
             "driver_returned_after_s": out["t1"] - ended_at, "warm_s": out["warm_s"]}
 
 
+# ----------------------------------------------------------------------------------------------- faults
+def ended_count(store, grid_id: str) -> int:
+    from sqlalchemy import text
+    with store.engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM ablate_grid_trials g JOIN ablate_trials t ON t.key = g.trial_key "
+                                 "WHERE g.grid_id = :g AND t.status IN ('finished', 'diverged', 'error')"),
+                            {"g": grid_id}).scalar_one()
+
+
+def wait_ended(store, grid_id: str, n: int, driver: "Driver") -> None:
+    """Until `n` trials of the grid have their record (the event each fault waits on)."""
+    while ended_count(store, grid_id) < n:
+        if driver.proc.poll() is not None:
+            raise RuntimeError(f"the driver exited with {driver.proc.returncode} before {n} trials ended")
+        time.sleep(0.2)
+
+
+def measure_faults(cluster: Cluster, trials: int, trial_s: float, kills: int = 3) -> dict:
+    """One grid through a driver SIGKILLed `kills` times (each at the next quarter of the trials ended, and at
+    once started again) and an MLflow server SIGKILLed once (started again after another tenth ended). Then the
+    record: every trial finished by exactly one attempt, run whole exactly once (its placeholder's count), and
+    exactly one complete child run per trial in MLflow, read back from the server."""
+    from mlflow import MlflowClient
+    from sqlalchemy import text
+
+    from orchestrator.grids import load_grid
+    from orchestrator.state import StateStore
+    home = cluster.workdir / "home-faults"
+    spec = grid_spec("scale-faults", trials)
+    grid_file = cluster.workdir / "grid-faults.json"
+    grid_file.write_text(json.dumps(spec))
+    store = StateStore(cluster.state_url)
+    grid_id = load_grid(spec).grid_id()
+    events, start = [], time.time()
+    driver = Driver(cluster, home, [grid_file], trial_s, "driver-faults-0")
+    marks = [trials * (i + 1) // (kills + 2) for i in range(kills)]
+    mlflow_down, mlflow_up = (marks[-1] + trials // (kills + 2) // 2), None
+    for i, mark in enumerate(marks, 1):
+        wait_ended(store, grid_id, mark, driver)
+        driver.kill()
+        events.append((round(time.time() - start, 1), f"driver SIGKILL at {ended_count(store, grid_id)} ended"))
+        driver = Driver(cluster, home, [grid_file], trial_s, f"driver-faults-{i}")
+    wait_ended(store, grid_id, mlflow_down, driver)
+    os.killpg(cluster.mlflow.proc.pid, signal.SIGKILL)
+    cluster.mlflow.proc.wait()
+    events.append((round(time.time() - start, 1), f"MLflow SIGKILL at {ended_count(store, grid_id)} ended"))
+    mlflow_up = min(trials, mlflow_down + trials // 10)
+    wait_ended(store, grid_id, mlflow_up, driver)
+    cluster.mlflow.start()
+    events.append((round(time.time() - start, 1), f"MLflow up again at {ended_count(store, grid_id)} ended"))
+    out = driver.wait()
+    events.append((round(time.time() - start, 1), f"driver returned: {out['summaries'][0].get('mlflow_unsynced')} unsynced"))
+
+    with store.engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT t.key, t.status, t.attempts, t.mlflow_run_id, (SELECT count(*) FROM ablate_attempts a WHERE "
+            "a.trial_key = t.key AND a.outcome = 'finished') FROM ablate_grid_trials g JOIN ablate_trials t ON "
+            "t.key = g.trial_key WHERE g.grid_id = :g"), {"g": grid_id}).all()
+    completions = {}
+    for key, *_ in rows:
+        log = home / "checkpoints" / key / "completions"
+        completions[key] = len(log.read_text().splitlines()) if log.exists() else 0
+    client = MlflowClient(cluster.mlflow.uri)
+    experiment = client.get_experiment_by_name(spec["name"])
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment.experiment_id], "tags.`ablate.trial` != ''", max_results=1000,
+                                  page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            break
+    per_key: dict[str, list] = {}
+    for run in runs:
+        per_key.setdefault(run.data.tags["ablate.trial"], []).append(run)
+    held = {key: run_id for key, _, _, run_id, _ in rows}
+    complete = sum(1 for key, got in per_key.items() if len(got) == 1 and got[0].info.status == "FINISHED"
+                   and got[0].info.run_id == held.get(key) and got[0].data.tags.get("ablate.status") == "finished")
+    return {"trials": len(rows), "events": events,
+            "finished": sum(1 for r in rows if r[1] == "finished"),
+            "finished_once": sum(1 for r in rows if r[4] == 1),
+            "run_once": sum(1 for n in completions.values() if n == 1),
+            "run_twice_or_more": sum(1 for n in completions.values() if n > 1),
+            "attempts_over_one": sum(1 for r in rows if r[2] > 1),
+            "child_runs": len(runs), "child_runs_complete": complete,
+            "trials_without_run": sum(1 for key in held if key not in per_key)}
+
+
+# ------------------------------------------------------------------------------------- several drivers
+def measure_drivers(cluster: Cluster, trials: int, trial_s: float, drivers: int = 2) -> dict:
+    """`drivers` driver processes, each a service over the same two grids of trials/2 (the state on one
+    PostgreSQL, one Ray): every trial must be claimed and finished once; the trials each driver ran, each grid's
+    share of the slot time while both had work, claims per second, and the efficiency of all of it."""
+    from sqlalchemy import text
+
+    from orchestrator.grids import load_grid
+    from orchestrator.state import StateStore
+    store = StateStore(cluster.state_url)
+    files, ids = [], []
+    for name in ("scale-drivers-a", "scale-drivers-b"):
+        spec = grid_spec(name, trials // 2)
+        files.append(cluster.workdir / f"{name}.json")
+        files[-1].write_text(json.dumps(spec))
+        ids.append(load_grid(spec).grid_id())
+    home = cluster.workdir / "home-drivers"
+    began_load = load()
+    procs = [Driver(cluster, home, files, trial_s, f"driver-{i}") for i in range(drivers)]
+    outs = [p.wait() for p in procs]
+    with store.engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT g.grid_id, t.key, t.result, (SELECT count(*) FROM ablate_attempts a WHERE a.trial_key = t.key), "
+            "(SELECT min(a.owner) FROM ablate_attempts a WHERE a.trial_key = t.key AND a.outcome = 'finished'), "
+            "(SELECT count(*) FROM ablate_attempts a WHERE a.trial_key = t.key AND a.outcome = 'finished') "
+            "FROM ablate_grid_trials g JOIN ablate_trials t ON t.key = g.trial_key WHERE g.grid_id = ANY(:ids)"),
+            {"ids": ids}).all()
+        claims = conn.execute(text("SELECT min(started_at), max(started_at), count(*) FROM ablate_attempts a JOIN "
+                                   "ablate_grid_trials g ON g.trial_key = a.trial_key WHERE g.grid_id = ANY(:ids)"),
+                              {"ids": ids}).one()
+    results = [(grid, json.loads(r)) for grid, _, r, *_ in rows if r]
+    by_pid = {str(o["pid"]): 0 for o in outs}
+    for *_, owner, _ in rows:
+        pid = owner.split(":")[1] if owner else "none"
+        by_pid[pid] = by_pid.get(pid, 0) + 1
+    t0 = min(o["t0"] for o in outs)
+    ends = {g: max(r["ended"] for grid, r in results if grid == g) for g in ids}
+    both_until = min(ends.values())  # the window in which both grids had trials to run
+    share = {g: sum(max(0.0, min(r["ended"], both_until) - max(r["began"], t0)) for grid, r in results if grid == g)
+             for g in ids}
+    busy = sum(r["took"] for _, r in results)
+    makespan = max(ends.values()) - t0
+    return {"trials": len(rows), "finished": len(results), "slots": cluster.slots,
+            "claimed_once": sum(1 for r in rows if r[3] == 1), "finished_once": sum(1 for r in rows if r[5] == 1),
+            "trials_per_driver": list(by_pid.values()),
+            "grid_share": [round(share[g] / max(1e-9, sum(share.values())), 3) for g in ids],
+            "claims_per_s": round(claims[2] / max(1e-9, claims[1] - claims[0]), 1),
+            "efficiency": round(busy / (cluster.slots * makespan), 3), "makespan_s": round(makespan, 1),
+            "load_before": began_load, "load_after": load()}
+
+
+# --------------------------------------------------------------------------------------------- bare Ray
+def bare_trial(trial_s: float) -> float:
+    start = time.perf_counter()
+    time.sleep(trial_s)
+    return time.perf_counter() - start
+
+
+def measure_bare(cluster: Cluster, trials: int, trial_s: float) -> dict:
+    """The floor: the same sleeps as plain Ray tasks, two per slot in flight as Ablate keeps them, nothing
+    recorded; slots' workers warmed first, as for Ablate."""
+    import ray
+    ray.init(address=f"127.0.0.1:{HEAD_PORT}", log_to_driver=False)
+    try:
+        task = ray.remote(bare_trial).options(num_cpus=1)
+        ray.get([task.remote(0.5) for _ in range(cluster.slots)])
+        began_load = load()
+        start = time.perf_counter()
+        busy, left, inflight = 0.0, trials, []
+        while left or inflight:
+            while left and len(inflight) < 2 * cluster.slots:
+                inflight.append(task.remote(trial_s))
+                left -= 1
+            done, inflight = ray.wait(inflight, num_returns=1)
+            busy += sum(ray.get(done))
+        makespan = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    return {"trials": trials, "finished": trials, "slots": cluster.slots, "makespan_s": makespan, "busy_s": busy,
+            "efficiency": busy / (cluster.slots * makespan), "load_before": began_load, "load_after": load()}
+
+
 # --------------------------------------------------------------------------------------------- Ray Tune
 def tune_trainable(config: dict) -> dict:
     start = time.perf_counter()
@@ -354,6 +527,20 @@ def inside(args: argparse.Namespace) -> None:
     report: dict = {"args": vars(args), "cases": []}
     try:
         cluster.start()
+        if args.faults:
+            cluster.start_ray(args.slots)
+            got = measure_faults(cluster, args.trials, args.trial_s)
+            report["faults"] = got
+            for at, what in got["events"]:
+                print(f"{at:8.1f} s  {what}", flush=True)
+            print(" ".join(f"{k}={v}" for k, v in got.items() if k != "events"), flush=True)
+            return
+        if args.drivers > 1:
+            cluster.start_ray(args.slots)
+            got = measure_drivers(cluster, args.trials, args.trial_s, args.drivers)
+            report["drivers"] = got
+            print(" ".join(f"{k}={v}" for k, v in got.items()), flush=True)
+            return
         cases = SWEEP if args.sweep else [(args.trials, args.slots)]
         print(HEADER, flush=True)
         last = None
@@ -361,6 +548,9 @@ def inside(args: argparse.Namespace) -> None:
             cluster.start_ray(slots)
             if args.quiet:
                 wait_for_quiet()
+            bare = measure_bare(cluster, trials, args.trial_s) if args.bare else None
+            if bare:
+                print(row("bare Ray", bare), flush=True)
             got = measure_ablate(cluster, trials, args.trial_s, f"{trials}x{slots}")
             print(row("Ablate", got), flush=True)
             tune_got = None
@@ -368,13 +558,14 @@ def inside(args: argparse.Namespace) -> None:
                 tune_trials = min(trials, args.tune_trials)
                 tune_got = {**measure_tune(cluster, tune_trials, args.trial_s, args.tune_cap_s), "slots": slots}
                 print(row("Ray Tune", tune_got), flush=True)
-            report["cases"].append({"ablate": got, "tune": tune_got})
-            last = (trials, slots, got, tune_got)
-        trials, slots, got, tune_got = last
+            report["cases"].append({"ablate": got, "tune": tune_got, "bare": bare})
+            last = (trials, slots, got, tune_got, bare)
+        trials, slots, got, tune_got, bare = last
         tune_eff = tune_got["efficiency"] if tune_got else float("nan")
         print(f"trials={trials} slots={slots} trial_s={args.trial_s} ablate_eff={got['efficiency']:.3f} "
               f"tune_eff={tune_eff:.3f} ratio={got['efficiency'] / tune_eff:.2f}"
-              + (f" tune_trials={tune_got['finished']}/{tune_got['trials']}" if tune_got else ""), flush=True)
+              + (f" tune_trials={tune_got['finished']}/{tune_got['trials']}" if tune_got else "")
+              + (f" bare_eff={bare['efficiency']:.3f}" if bare else ""), flush=True)
     finally:
         cluster.stop()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -395,6 +586,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help=f"every (trials, slots) of {SWEEP}")
     parser.add_argument("--tune-trials", type=int, default=1000, help="Tune runs min(trials, this); 0: no Tune")
     parser.add_argument("--tune-cap-s", type=float, default=900, help="Tune's time budget per case")
+    parser.add_argument("--faults", action="store_true",
+                        help="the fault run: the driver SIGKILLed 3 times and MLflow once during one grid")
+    parser.add_argument("--drivers", type=int, default=1,
+                        help="K > 1: K driver processes, each a service over the same two grids of trials/2")
+    parser.add_argument("--no-bare", dest="bare", action="store_false", help="skip the bare-Ray floor")
     parser.add_argument("--quiet", action="store_true", help="wait for a load average below 3 before each case")
     parser.add_argument("--workdir", help="where logs and report.json go (default: a new temporary folder)")
     args = parser.parse_args()

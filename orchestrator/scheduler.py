@@ -51,6 +51,10 @@ COMPARISON_EVERY_S = 30.0
 # at most this many trials per pass of the MLflow thread (the parent's refreshes come between passes).
 SYNC_THREADS = 4
 SYNC_BATCH = 64
+# The MLflow threads' niceness above the driver's own: where MLflow's client work (about 20 ms of CPU per trial,
+# mostly HTTP and JSON) and the scheduling loop want the same cores, the loop and the trials win and MLflow
+# lags (it catches up from the store). Linux only, where a thread has a niceness of its own.
+MLFLOW_NICE = 10
 _PARENT_LOCK = threading.Lock()  # one parent run per grid name among this process's runners (the service)
 
 
@@ -99,8 +103,9 @@ class GridRunner:
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # Every MLflow call of the driver happens off the scheduling loop: jobs on this thread, one at a time
         # (each fanning a batch of trials' runs out on `_calls`). The loop only hands work over (`_want`).
-        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-sync")
-        self._calls = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="mlflow-call")
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-sync", initializer=_yield_cpu)
+        self._calls = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="mlflow-call",
+                                         initializer=_yield_cpu)
         self._work_lock = threading.Lock()
         self._to_ready: dict[str, None] = {}  # trials soon submitted whose runs to ready, in order
         self._to_sync: dict[str, str | None] = {}  # ended trials to sync → the run their live sink delivered to
@@ -163,10 +168,28 @@ class GridRunner:
         if before.get("ablate.grid") == grid_id:
             self._shown_state = before.get("ablate.state")
         held = {t["mlflow_run_id"] for t in self.store.grid_trials(grid_id)}
-        self._children |= set(children.values())
-        self._orphans = {key: run for key, run in children.items() if run not in held}
+        self._children |= {run for runs in children.values() for run in runs}
+        self._orphans = {key: free[0] for key, runs in children.items() if (free := [r for r in runs if r not in held])}
         self._children_known = True
         return True
+
+    def _discard_strays(self, spec: GridSpec, grid_id: str, parent: str) -> None:
+        """Delete the child runs of ended, synced trials that are not the trial's own: made by a driver that died
+        with the request still queued at the server, after its successor had adopted what it found."""
+        try:
+            children = self.tracker.child_runs(spec.name, parent)
+        except Exception:
+            return  # left for the next run of the grid
+        extra = {key for key, runs in children.items() if len(runs) > 1}
+        strays = [run for t in (self.store.grid_trials(grid_id, extra) if extra else [])
+                  if t["mlflow_synced"] and t["status"] in ENDED for run in children[t["key"]]
+                  if run != t["mlflow_run_id"]]
+        for run in strays:
+            try:
+                self.tracker.discard(run)
+                self._children.discard(run)
+            except Exception:
+                pass  # left for the next run of the grid
 
     def _save_runs(self, made: dict[str, str]) -> dict[str, str]:
         """Give trials the child runs just made (or adopted) for them; returns the run each holds. A run made for
@@ -422,6 +445,8 @@ class GridRunner:
             time.sleep(2.0)
             unsynced = self.sync_mlflow(spec, grid_id)
         parent = self.store.grid_run(grid_id)
+        if parent and not interrupted and not unsynced:
+            self._discard_strays(spec, grid_id, parent)
         if parent and interrupted:
             self._refresh_parent(spec, grid_id, full=False, state="interrupted")
         elif parent and not self._end_parent(spec, grid_id, counts, terminate=not unsynced):
@@ -604,6 +629,15 @@ class _Every:
 
 class GridInterrupted(Exception):
     """Ctrl-C: running trials were handed back as queued; the same command resumes the grid."""
+
+
+def _yield_cpu() -> None:
+    """Run this thread MLFLOW_NICE steps nicer than its process: what CPU the loop and trials leave (Linux)."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + MLFLOW_NICE)
+        except OSError:
+            pass  # a niceness already at its limit stays where it is
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:

@@ -423,13 +423,17 @@ class Tracker:
         """A child run made for a trial that another driver's run already holds."""
         self.client.delete_run(run_id)
 
-    def child_runs(self, name: str, parent_run_id: str) -> dict[str, str]:
-        """{trial key: run id} of the parent's child runs (one search, paged)."""
-        found, token = {}, None
+    def child_runs(self, name: str, parent_run_id: str) -> dict[str, list[str]]:
+        """{trial key: its run ids} of the parent's child runs (one search, paged). A trial has more than one
+        when a driver died with a request to make its run still queued at the server."""
+        found: dict[str, list[str]] = {}
+        token = None
         while True:
             page = self.client.search_runs([self.experiment(name)], f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                            max_results=1000, page_token=token)
-            found.update({r.data.tags["ablate.trial"]: r.info.run_id for r in page if "ablate.trial" in r.data.tags})
+            for r in page:
+                if "ablate.trial" in r.data.tags:
+                    found.setdefault(r.data.tags["ablate.trial"], []).append(r.info.run_id)
             token = page.token
             if not token:
                 return found

@@ -308,6 +308,34 @@ def test_a_child_run_left_unsaved_by_a_killed_driver_is_adopted_not_duplicated(a
     assert [r.info.run_id for r in adopted] == [stray] and adopted[0].info.status == "FINISHED"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
+def test_mlflow_threads_yield_the_cpu_to_the_scheduling_loop(ablate_home):
+    runner = GridRunner(progress=False)
+    nice = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # noqa: E731
+    loop = nice()
+    assert runner._syncer.submit(nice).result() == runner._calls.submit(nice).result() == min(19, loop + scheduler.MLFLOW_NICE)
+    assert nice() == loop  # the calling thread, and so the loop, keep theirs
+
+
+def test_a_run_made_after_its_trial_had_one_is_deleted_when_the_grid_ends(ablate_home, local_ray, mlflow_server):
+    """A dead driver's create_run still queued at the server lands after its successor adopted or made the
+    trial's run: the grid's next end deletes it, so each trial keeps exactly one child run."""
+    spec = load_grid({**SMOKE, "name": "late-t", "seeds": 1})
+    out = GridRunner(store=StateStore(), tracker=Tracker(mlflow_server.uri), progress=False).run(spec)
+    trial = StateStore().grid_trials(out["grid"])[0]
+    tracker = Tracker(mlflow_server.uri)
+    late = tracker.start_trial(spec.name, out["grid"], out["mlflow_run_id"], trial, json.loads(trial["config"]))
+    client = MlflowClient(mlflow_server.uri)
+    assert len(children(client, out["mlflow_run_id"])) == 3
+
+    again = GridRunner(store=StateStore(), tracker=Tracker(mlflow_server.uri), progress=False).run(spec)
+    assert again["executed"] == 0 and again["mlflow_unsynced"] == 0
+    kids = children(client, out["mlflow_run_id"])
+    assert sorted(r.data.tags["ablate.trial"] for r in kids) == sorted(t["key"] for t in StateStore().grid_trials(out["grid"]))
+    assert late not in {r.info.run_id for r in kids} and client.get_run(late).info.lifecycle_stage == "deleted"
+    assert {r.info.run_id for r in kids if r.data.tags["ablate.trial"] == trial["key"]} == {trial["mlflow_run_id"]}
+
+
 def test_failing_trials_retry_then_error(ablate_home, local_ray, tmp_path):
     spec = load_grid({**SMOKE, "name": "broken", "dataset": "cifar10", "data_dir": str(tmp_path / "nothing"),
                       "seeds": 1, "variants": ["original"], "max_retries": 1})
