@@ -24,9 +24,17 @@ Per (trials, slots):
 Each slot's Ray worker process is started before `run()` (as bench/scheduling.py does): on two cores, 64
 Python workers take tens of seconds to start, which a cluster's many machines spread.
 
+Bare Ray tasks (the same sleeps, two per slot in flight, nothing recorded) give the floor in each case.
+
 Modes: the default measures one case (`--trials`, `--slots`); `--sweep` measures every trials × slots case
-of SWEEP. Still to come (the cluster-scale issue): two drivers on one state, and faults at scale.
-The last line: `trials=… slots=… ablate_eff=… tune_eff=… ratio=…` (ratio: Ablate's efficiency over Tune's).
+of SWEEP. The last line: `trials=… slots=… ablate_eff=… tune_eff=… ratio=… bare_eff=…` (ratio: Ablate's
+efficiency over Tune's).
+  --faults      one grid whose driver is SIGKILLed 3 times (at each next fifth of the trials ended; started
+                again at once) and whose MLflow server is SIGKILLed once; then the record: trials finished by
+                exactly one attempt, run whole exactly once, and one complete child run each, read back.
+  --drivers K   K driver processes, each a service over the same two grids: no trial claimed twice, the
+                trials each driver ran, each grid's share of the slots; then claim throughput under
+                contention (K processes claiming the same queued trials in batches of 64).
 """
 from __future__ import annotations
 
@@ -76,8 +84,9 @@ def placeholder_trial(task: dict) -> dict:
     return result
 
 
-def grid_spec(name: str, trials: int) -> dict:
-    return {"name": name, "dataset": "synthetic", "recipe": "smoke", "depths": [8], "block": "basic", "width": 4,
+def grid_spec(name: str, trials: int, width: int = 4) -> dict:
+    """A grid of `trials` placeholders; grids of another `width` hold other trials (a trial is its configuration)."""
+    return {"name": name, "dataset": "synthetic", "recipe": "smoke", "depths": [8], "block": "basic", "width": width,
             "variants": VARIANTS, "seeds": trials // len(VARIANTS), "resources": {"cpu": 1}}
 
 
@@ -251,12 +260,13 @@ class Lag:
         self._thread.join()
 
 
-def measure_ablate(cluster: Cluster, trials: int, trial_s: float, tag: str) -> dict:
-    """One grid of `trials` placeholder trials through one driver process, on fresh state."""
+def measure_ablate(cluster: Cluster, trials: int, trial_s: float, tag: str, width: int) -> dict:
+    """One grid of `trials` placeholder trials through one driver process, on fresh state (trials of their own:
+    each case of a sweep has its own `width`)."""
     from orchestrator.grids import load_grid
     from orchestrator.state import StateStore
     home = cluster.workdir / f"home-{tag}"
-    spec = grid_spec(f"scale-{tag}", trials)
+    spec = grid_spec(f"scale-{tag}", trials, width)
     grid_file = cluster.workdir / f"grid-{tag}.json"
     grid_file.write_text(json.dumps(spec))
     store = StateStore(cluster.state_url)
@@ -345,7 +355,12 @@ def measure_faults(cluster: Cluster, trials: int, trial_s: float, kills: int = 3
     cluster.mlflow.start()
     events.append((round(time.time() - start, 1), f"MLflow up again at {ended_count(store, grid_id)} ended"))
     out = driver.wait()
-    events.append((round(time.time() - start, 1), f"driver returned: {out['summaries'][0].get('mlflow_unsynced')} unsynced"))
+    unsynced = out["summaries"][0].get("mlflow_unsynced")
+    events.append((round(time.time() - start, 1), f"driver returned: {unsynced} MLflow runs unsynced"))
+    if unsynced:  # MLflow came back after the driver's last try: the same command again, as its user would
+        out = Driver(cluster, home, [grid_file], trial_s, "driver-faults-again").wait()
+        events.append((round(time.time() - start, 1),
+                       f"the same command again: {out['summaries'][0].get('mlflow_unsynced')} unsynced"))
 
     with store.engine.connect() as conn:
         rows = conn.execute(text(
@@ -393,8 +408,8 @@ def measure_drivers(cluster: Cluster, trials: int, trial_s: float, drivers: int 
     from orchestrator.state import StateStore
     store = StateStore(cluster.state_url)
     files, ids = [], []
-    for name in ("scale-drivers-a", "scale-drivers-b"):
-        spec = grid_spec(name, trials // 2)
+    for width, name in ((5, "scale-drivers-a"), (6, "scale-drivers-b")):
+        spec = grid_spec(name, trials // 2, width)
         files.append(cluster.workdir / f"{name}.json")
         files[-1].write_text(json.dumps(spec))
         ids.append(load_grid(spec).grid_id())
@@ -431,6 +446,46 @@ def measure_drivers(cluster: Cluster, trials: int, trial_s: float, drivers: int 
             "claims_per_s": round(claims[2] / max(1e-9, claims[1] - claims[0]), 1),
             "efficiency": round(busy / (cluster.slots * makespan), 3), "makespan_s": round(makespan, 1),
             "load_before": began_load, "load_after": load()}
+
+
+def claim(args: argparse.Namespace) -> None:
+    """One claiming process: from `start_at`, claim_many over every key in batches of `batch`, in order (so
+    contenders fight over the same rows); writes what it took and how long it took."""
+    from orchestrator.state import StateStore
+    store = StateStore(os.environ["ABLATE_STATE_URL"])
+    keys = json.loads(Path(args.keys).read_text())
+    owner = f"claimer-{os.getpid()}"
+    store.claim_many(keys[:0], owner)  # connected before the start
+    time.sleep(max(0.0, args.start_at - time.time()))
+    start, taken = time.perf_counter(), []
+    for i in range(0, len(keys), args.batch):
+        taken += store.claim_many(keys[i:i + args.batch], owner)
+    Path(args.out).write_text(json.dumps({"taken": taken, "seconds": time.perf_counter() - start}))
+
+
+def measure_claims(cluster: Cluster, trials: int, procs: int = 2, batch: int = 64) -> dict:
+    """Claim throughput under contention: `procs` processes claim the same `trials` queued trials, in the same
+    order, in batches of `batch` (as a driver claims for its free slots). Every trial must be taken once."""
+    from orchestrator.grids import expand_grid, load_grid
+    from orchestrator.state import StateStore
+    spec = load_grid(grid_spec("scale-claims", trials, width=7))
+    store = StateStore(cluster.state_url)
+    rows = expand_grid(spec)
+    store.register_grid(spec.grid_id(), spec.name, spec.model_dump(mode="json", by_alias=True), rows)
+    keys_file = cluster.workdir / "claim-keys.json"
+    keys_file.write_text(json.dumps([t.key for t in rows]))
+    start_at = time.time() + 15  # every process imported and connected by then
+    outs = [cluster.workdir / f"claim-{i}.json" for i in range(procs)]
+    children = [subprocess.Popen([sys.executable, __file__, "claim", "--keys", str(keys_file), "--out", str(o),
+                                  "--batch", str(batch), "--start-at", str(start_at)], cwd=ROOT, env=cluster.env(
+                                      cluster.workdir / "home-claims")) for o in outs]
+    if any(c.wait() for c in children):
+        raise RuntimeError("a claiming process failed")
+    got = [json.loads(o.read_text()) for o in outs]
+    taken = [k for g in got for k in g["taken"]]
+    return {"trials": len(rows), "processes": procs, "batch": batch, "taken": len(taken),
+            "taken_twice": len(taken) - len(set(taken)), "per_process": [len(g["taken"]) for g in got],
+            "claims_per_s": round(len(taken) / max(g["seconds"] for g in got), 1)}
 
 
 # --------------------------------------------------------------------------------------------- bare Ray
@@ -540,18 +595,21 @@ def inside(args: argparse.Namespace) -> None:
             got = measure_drivers(cluster, args.trials, args.trial_s, args.drivers)
             report["drivers"] = got
             print(" ".join(f"{k}={v}" for k, v in got.items()), flush=True)
+            claims = measure_claims(cluster, args.trials, args.drivers)
+            report["claims"] = claims
+            print("claims: " + " ".join(f"{k}={v}" for k, v in claims.items()), flush=True)
             return
         cases = SWEEP if args.sweep else [(args.trials, args.slots)]
         print(HEADER, flush=True)
         last = None
-        for trials, slots in cases:
+        for case, (trials, slots) in enumerate(cases):
             cluster.start_ray(slots)
             if args.quiet:
                 wait_for_quiet()
             bare = measure_bare(cluster, trials, args.trial_s) if args.bare else None
             if bare:
                 print(row("bare Ray", bare), flush=True)
-            got = measure_ablate(cluster, trials, args.trial_s, f"{trials}x{slots}")
+            got = measure_ablate(cluster, trials, args.trial_s, f"{trials}x{slots}", width=10 + case)
             print(row("Ablate", got), flush=True)
             tune_got = None
             if args.tune_trials:
@@ -580,6 +638,11 @@ def main() -> None:
     d.add_argument("--grid", action="append", required=True)
     d.add_argument("--trial-s", type=float, required=True)
     d.add_argument("--out", required=True)
+    c = sub.add_parser("claim", help="one claiming process (started by the bench)")
+    c.add_argument("--keys", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--batch", type=int, required=True)
+    c.add_argument("--start-at", type=float, required=True)
     parser.add_argument("--trials", type=int, default=10000)
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--trial-s", type=float, default=TRIAL_S)
@@ -596,6 +659,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "drive":
         drive(args)
+    elif args.command == "claim":
+        claim(args)
     elif os.environ.get(INSIDE):
         inside(args)
     else:  # again, in namespaces of its own: loopback only, and nothing it starts outlives it
