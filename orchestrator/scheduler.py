@@ -53,8 +53,8 @@ SYNC_THREADS = 4
 SYNC_BATCH = 64
 # The MLflow threads' niceness above the driver's own: where MLflow's client work (about 20 ms of CPU per trial,
 # mostly HTTP and JSON) and the scheduling loop want the same cores, the loop and the trials win and MLflow
-# lags (it catches up from the store). Linux only, where a thread has a niceness of its own.
-MLFLOW_NICE = 10
+# lags (it catches up from the store). Linux only, where a thread has a niceness of its own; 0 turns it off.
+MLFLOW_NICE = int(os.environ.get("ABLATE_MLFLOW_NICE", "10"))
 _PARENT_LOCK = threading.Lock()  # one parent run per grid name among this process's runners (the service)
 
 
@@ -633,7 +633,7 @@ class GridInterrupted(Exception):
 
 def _yield_cpu() -> None:
     """Run this thread MLFLOW_NICE steps nicer than its process: what CPU the loop and trials leave (Linux)."""
-    if sys.platform.startswith("linux"):
+    if MLFLOW_NICE and sys.platform.startswith("linux"):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + MLFLOW_NICE)
         except OSError:
