@@ -21,8 +21,9 @@ Per (trials, slots):
   MLflow calls  HTTP requests to the MLflow server per trial, from the driver
   MLflow lag    the most trials ended but not yet synced to their child run, and how long after the last
                 trial the last child run was synced (catch-up)
-Each slot's Ray worker process is started before `run()` (as bench/scheduling.py does): on two cores, 64
-Python workers take tens of seconds to start, which a cluster's many machines spread.
+
+Each slot's Ray worker process is started before `run()` (warm-up tasks that hold every slot at once; Ray
+starts two at a time, and 64 take tens of seconds on two cores, which a cluster's many machines spread).
 
 Bare Ray tasks (the same sleeps, two per slot in flight, nothing recorded) give the floor in each case.
 
@@ -90,6 +91,28 @@ def grid_spec(name: str, trials: int, width: int = 4) -> dict:
             "variants": VARIANTS, "seeds": trials // len(VARIANTS), "resources": {"cpu": 1}}
 
 
+def hold_slot(folder: str, slots: int) -> int:
+    """A warm-up task: holds its slot until every slot runs one, so each has a worker process of its own."""
+    Path(folder, str(os.getpid())).touch()
+    deadline = time.time() + 600
+    while len(os.listdir(folder)) < slots and time.time() < deadline:
+        time.sleep(0.05)
+    return os.getpid()
+
+
+def warm_slots(slots: int) -> float:
+    """Start a Ray worker process for every slot of this job (Ray starts two at a time; tasks shorter than that
+    would be served by the first few) before anything is timed; returns the seconds it took."""
+    import ray
+    start = time.time()
+    folder = tempfile.mkdtemp(prefix="warm-")
+    pids = ray.get([ray.remote(hold_slot).options(num_cpus=1).remote(folder, slots) for _ in range(slots)])
+    shutil.rmtree(folder, ignore_errors=True)
+    if len(set(pids)) < slots:
+        raise RuntimeError(f"only {len(set(pids))} of {slots} slots got a worker within 600 s")
+    return time.time() - start
+
+
 # ------------------------------------------------------------------------------------------- the driver
 class Counters:
     """State-store statements and MLflow HTTP requests made by this process, counted where they leave it."""
@@ -127,10 +150,7 @@ def drive(args: argparse.Namespace) -> None:
     from orchestrator.service import GridService
     ensure_ray()
     slots = int(ray.cluster_resources()["CPU"])
-    warm = ray.remote(lambda: time.sleep(0.5)).options(num_cpus=1)
-    warmed_at = time.time()
-    ray.get([warm.remote() for _ in range(slots)])
-    out = {"pid": os.getpid(), "warm_s": time.time() - warmed_at}
+    out = {"pid": os.getpid(), "warm_s": warm_slots(slots)}
     specs = [load_grid(json.loads(Path(g).read_text())) for g in args.grid]
     before = resource.getrusage(resource.RUSAGE_SELF)
     loop_before = time.thread_time()  # this thread runs the scheduling loop; MLflow's threads are the rest
@@ -502,7 +522,7 @@ def measure_bare(cluster: Cluster, trials: int, trial_s: float) -> dict:
     ray.init(address=f"127.0.0.1:{HEAD_PORT}", log_to_driver=False)
     try:
         task = ray.remote(bare_trial).options(num_cpus=1)
-        ray.get([task.remote(0.5) for _ in range(cluster.slots)])
+        warm_slots(cluster.slots)
         began_load = load()
         start = time.perf_counter()
         busy, left, inflight = 0.0, trials, []

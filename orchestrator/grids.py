@@ -5,6 +5,7 @@ TrialConfig whose content hash is the trial's key. Errors are GridError with the
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -214,8 +215,9 @@ class GridTrial:
     seed: int
     config: Any  # workers.trainer.TrialConfig
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
+        """The configuration's hash, computed once (a 10,000-trial grid asks for it three times per trial)."""
         return self.config.key()
 
 
