@@ -81,18 +81,22 @@ def _claim_all(url: str, keys: list[str], owner: str, threads: int) -> list[str]
         return [k for won in pool.map(claim, range(threads)) for k in won]
 
 
-def test_each_trial_is_claimed_once_by_threads_and_processes(store):
-    grid_id, trials = registered(store, {**GRID, "seeds": 4})
-    keys = [t.key for t in trials]
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(3) as pool:
-        runs = [pool.apply_async(_claim_all, (store.url, keys, f"p{i}", 4)) for i in range(3)]
-        won = _claim_all(store.url, keys, "main", 4) + [k for r in runs for k in r.get(120)]
+def _race(store, keys: list[str], claim, size: int, main_size: int) -> None:
+    """`claim(url, keys, owner, size)` in three spawned processes and in this one at once: every trial must be
+    taken exactly once, by one attempt of its owner."""
+    with mp.get_context("spawn").Pool(3) as pool:
+        runs = [pool.apply_async(claim, (store.url, keys, f"p{i}", size)) for i in range(3)]
+        won = claim(store.url, keys, "main", main_size) + [k for r in runs for k in r.get(120)]
     assert sorted(won) == sorted(keys)  # every trial once: none twice, none lost
     for key in keys:
         row = store.trial(key)
         assert row.status == "running" and row.attempts == 1
         assert [a.owner for a in store.attempts(key)] == [row.owner]
+
+
+def test_each_trial_is_claimed_once_by_threads_and_processes(store):
+    grid_id, trials = registered(store, {**GRID, "seeds": 4})
+    _race(store, [t.key for t in trials], _claim_all, 4, 4)
     assert store.counts(grid_id)["running"] == 8
 
 
@@ -106,15 +110,7 @@ def _claim_batches(url: str, keys: list[str], owner: str, size: int) -> list[str
 def test_batched_claims_of_overlapping_sets_take_each_trial_once(store):
     grid_id, trials = registered(store, {**GRID, "seeds": 16})
     keys = [t.key for t in trials]
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(3) as pool:
-        runs = [pool.apply_async(_claim_batches, (store.url, keys, f"p{i}", 5)) for i in range(3)]
-        won = _claim_batches(store.url, keys, "main", 7) + [k for r in runs for k in r.get(120)]
-    assert sorted(won) == sorted(keys)
-    for key in keys:
-        row = store.trial(key)
-        assert row.status == "running" and row.attempts == 1
-        assert [a.owner for a in store.attempts(key)] == [row.owner]
+    _race(store, keys, _claim_batches, 5, 7)
     assert store.claim_many(keys, "late") == [] and store.claim_many([], "late") == []
 
 
