@@ -326,11 +326,9 @@ def summarise(store, grid_ids: list[str], out: dict, lag: Lag, slots: int) -> di
 
 # ----------------------------------------------------------------------------------------------- faults
 def ended_count(store, grid_id: str) -> int:
-    from sqlalchemy import text
-    with store.engine.connect() as conn:
-        return conn.execute(text("SELECT count(*) FROM ablate_grid_trials g JOIN ablate_trials t ON t.key = g.trial_key "
-                                 "WHERE g.grid_id = :g AND t.status IN ('finished', 'diverged', 'error')"),
-                            {"g": grid_id}).scalar_one()
+    from ablations.vocabulary import ENDED
+    counts = store.counts(grid_id)
+    return sum(counts[s] for s in ENDED)
 
 
 def wait_ended(store, grid_id: str, n: int, driver: "Driver") -> None:
