@@ -14,6 +14,8 @@ Per (trials, slots):
   efficiency    Σ trial time / (slots × makespan); makespan from the driver's `run()` call to the last
                 trial's record in the store (MLflow's catch-up after it is reported apart)
   first trial   seconds from `run()` to the first trial's start
+  slot time lost  the share of slots × makespan no trial used, split: before the first trial (head), while
+                trials were being started (steady), after the last trial started (tail)
   CPU/trial     the driver process's CPU seconds (user + system) per trial, and of them the scheduling
                 loop's (`loop ms`: the thread that claims, submits and records; the rest is MLflow's threads,
                 Ray's and the imports); its peak memory (RSS)
@@ -314,7 +316,14 @@ def summarise(store, grid_ids: list[str], out: dict, lag: Lag, slots: int) -> di
     makespan = max(recorded) - out["t0"]
     ended_at = max(recorded)
     synced_at = next((t for t, ended, behind in lag.samples if ended == n and behind == 0), None)
-    return {"trials": n, "finished": len(results), "slots": slots, "busy_s": busy, "makespan_s": makespan,
+    # Where the slot-seconds went that no trial used: before the first trial, while trials were still being
+    # started (the steady state), and after the last one started (the tail, which bare Ray has too).
+    capacity = slots * makespan
+    first, last_start = min(r["began"] for r in results), max(r["began"] for r in results)
+    tail_busy = sum(max(0.0, min(r["ended"], ended_at) - max(r["began"], last_start)) for r in results)
+    lost = {"head": slots * (first - out["t0"]), "tail": slots * (ended_at - last_start) - tail_busy}
+    lost["steady"] = capacity - busy - lost["head"] - lost["tail"]
+    return {"lost": {k: round(v / capacity, 4) for k, v in lost.items()}, "trials": n, "finished": len(results), "slots": slots, "busy_s": busy, "makespan_s": makespan,
             "efficiency": busy / (slots * makespan), "first_trial_s": min(r["began"] for r in results) - out["t0"],
             "cpu_per_trial_ms": 1000 * out["cpu_s"] / n, "loop_cpu_per_trial_ms": 1000 * out["loop_cpu_s"] / n,
             "peak_rss_mb": out["peak_rss_mb"],
@@ -629,6 +638,7 @@ def inside(args: argparse.Namespace) -> None:
                 print(row("bare Ray", bare), flush=True)
             got = measure_ablate(cluster, trials, args.trial_s, f"{trials}x{slots}", width=10 + case)
             print(row("Ablate", got), flush=True)
+            print("           slot time lost " + ", ".join(f"{k} {v:.3f}" for k, v in got["lost"].items()), flush=True)
             tune_got = None
             if args.tune_trials:
                 tune_trials = min(trials, args.tune_trials)

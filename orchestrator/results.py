@@ -40,7 +40,8 @@ def comparison(store: BaseStateStore, grid_id: str, metric: str = "test_error", 
 
     Every Ablate grid gives seed s to every variant, so the design is paired; `welch` is there for readers
     who want the independent-samples analysis. A grid run with `--until-decided` has a stored plan: for its
-    metric and baseline, each comparison's decision is the plan's (dashboards.sequential.overlay)."""
+    metric and baseline, each comparison's decision is the plan's (dashboards.sequential.overlay), and the
+    design is paired whatever was asked: the plan tested paired differences."""
     from dashboards.sequential import overlay
     from dashboards.stats import compare
     from dashboards.tables import document
@@ -53,6 +54,8 @@ def comparison(store: BaseStateStore, grid_id: str, metric: str = "test_error", 
     plan = store.sequential_plan(grid_id)
     if plan is not None and (plan["metric"], plan["baseline"]) != (metric, base):
         plan = None   # the plan decided another question
+    if plan is not None:
+        design = "paired"   # the plan's looks test paired differences: the rest of each row says the same
     try:
         rows = compare(store.results_table(grid_id), baseline=base, metric=metric,
                        variant_order=spec.variant_names(), paper_reference=spec.paper_setting, design=design,

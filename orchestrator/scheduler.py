@@ -43,6 +43,8 @@ CANCEL_CHECK_S = 1.0  # how often the loop asks the store whether the grid was c
 QUEUE_SLACK_S = 600.0
 POLL_S = 0.2
 LIVE_KEY = "_mlflow_live_run"  # set by a trial whose sink delivered every metric; never stored
+# A new grid with more trials than this records the rest while its first ones run.
+FIRST_RECORDED = 1000
 PARENT_EVERY_S = 10.0  # the parent run's progress and ETA are refreshed this often while the grid runs
 # ... and its comparison (table, cell metrics, report: a second or two of the driver's CPU) at most this
 # often, when trials ended since; always at the end.
@@ -378,20 +380,35 @@ class GridRunner:
         return True
 
     # -------------------------------------------------------------------------------------------- run
-    def submit(self, spec: GridSpec, extra: list[GridTrial] = ()) -> str:
-        """Validate, expand and record the grid (no training yet); returns its id. Idempotent."""
+    def _expand(self, spec: GridSpec, extra: list[GridTrial] = ()) -> tuple[str, list[GridTrial]]:
+        """The grid's id and its trials, `extra` ones added, validated (nothing recorded)."""
         tuned = self.store.tuned_recipes() if spec.tuned_names() else {}
         trials = expand_grid(spec, tuned=tuned)
         _reject_duplicates(trials)
         known = {t.key for t in trials}
         trials += [t for t in {t.key: t for t in extra}.values() if t.key not in known]
-        grid_id = spec.grid_id(tuned)
+        return spec.grid_id(tuned), trials
+
+    def _register(self, spec: GridSpec, grid_id: str, trials: list[GridTrial]) -> None:
         self.store.register_grid(grid_id, spec.name, spec.model_dump(mode="json", by_alias=True), trials)
+
+    def submit(self, spec: GridSpec, extra: list[GridTrial] = ()) -> str:
+        """Validate, expand and record the grid (no training yet); returns its id. Idempotent."""
+        grid_id, trials = self._expand(spec, extra)
+        self._register(spec, grid_id, trials)
         return grid_id
 
     def run(self, spec: GridSpec, sync_timeout_s: float = 60.0, extra: list[GridTrial] = ()) -> dict[str, Any]:
         """Run the grid, plus `extra` trials added to it (more seeds for some cells), to completion."""
-        grid_id = self.submit(spec, extra)
+        grid_id, trials = self._expand(spec, extra)
+        # A new grid of many trials starts on its first ones while the rest are recorded beside the loop:
+        # recording 10,000 trials held the first one back by seconds, every slot idle meanwhile. A grid seen
+        # before is recorded whole first (its trials' states decide what runs), and so is one whose seeds are
+        # fused (a group must not be split at the boundary).
+        later: list[GridTrial] = []
+        if len(trials) > FIRST_RECORDED and spec.fuse_seeds <= 1 and self.store.grid(grid_id) is None:
+            trials, later = trials[:FIRST_RECORDED], trials[FIRST_RECORDED:]
+        self._register(spec, grid_id, trials)
         rows = {t["key"]: t for t in self.store.grid_trials(grid_id)}
         reused = sum(1 for t in rows.values() if t["status"] in MEASURED)
         with self._work_lock:
@@ -399,8 +416,12 @@ class GridRunner:
         self._open_parent(spec, grid_id, reused)
         ensure_ray()
         grid = _GridPass(self, spec, grid_id, rows)
+        if later:
+            grid.add_later(lambda: self._register(spec, grid_id, later)
+                           or self.store.grid_trials(grid_id, [t.key for t in later]))
         beat, cancel_check = _Every(HEARTBEAT_EVERY_S), _Every(CANCEL_CHECK_S)
-        display = _Progress(len(rows), reused, enabled=self.progress, counts=lambda: self.store.counts(grid_id))
+        display = _Progress(len(rows) + len(later), reused, enabled=self.progress,
+                            counts=lambda: self.store.counts(grid_id))
         interrupted = False
         try:
             while grid.busy():
@@ -425,8 +446,8 @@ class GridRunner:
                                               interrupted)
         if interrupted:
             raise GridInterrupted(grid_id)
-        return {"grid": grid_id, "name": spec.name, "trials": len(rows), "executed": grid.executed,
-                "reused": reused, "cancelled": grid.cancelled, "counts": counts, "mlflow_unsynced": unsynced,
+        return {"grid": grid_id, "name": spec.name, "trials": len(grid.rows), "executed": grid.executed,
+                "reused": reused + grid.reused_later, "cancelled": grid.cancelled, "counts": counts, "mlflow_unsynced": unsynced,
                 "tracking_uri": self.tracker.uri, "mlflow_run_id": parent,
                 "mlflow_experiment_id": self.tracker.known_experiment(spec.name)}
 
@@ -468,7 +489,8 @@ class _GridPass:
         # Trials this runner claimed (or is claiming) and has not recorded: what an interrupt hands back.
         self.held: set[str] = set()
         self.waiting_on_others: set[str] = set()  # trials another owner held when this runner came to them
-        self.executed = self.cancelled = 0
+        self.executed = self.cancelled = self.reused_later = 0
+        self.later: Future | None = None  # the rows of trials being recorded while the first ones run
 
         cpu, gpu, workers = spec.resources.cpu, spec.resources.gpu, spec.resources.workers
         options = dict(num_cpus=cpu, num_gpus=gpu, max_retries=spec.max_retries, retry_exceptions=False)
@@ -487,11 +509,32 @@ class _GridPass:
         self.backstop_s = spec.timeout_s * (spec.max_retries + 1) + QUEUE_SLACK_S if spec.timeout_s else None
 
     def busy(self) -> bool:
-        return bool(self.todo or self.inflight or self.waiting_on_others)
+        return bool(self.todo or self.inflight or self.waiting_on_others or self.later)
+
+    def add_later(self, record: Callable[[], list[dict[str, Any]]]) -> None:
+        """Run `record` (which records more of the grid's trials and returns their rows) on a thread of its own;
+        the loop takes its trials on when it is done."""
+        self.later = Future()
+
+        def work() -> None:
+            try:
+                self.later.set_result(record())
+            except BaseException as exc:  # raised again in the loop, as the store's errors are
+                self.later.set_exception(exc)
+        threading.Thread(target=work, name="ablate-record", daemon=True).start()
+
+    def _take_later(self) -> None:
+        if self.later is None or not self.later.done():
+            return
+        rows, self.later = self.later.result(), None
+        self.rows.update((t["key"], t) for t in rows)
+        self.todo += [t["key"] for t in rows if t["status"] not in MEASURED]
+        self.reused_later = sum(1 for t in rows if t["status"] in MEASURED)
 
     def submit_more(self) -> None:
         """Claim and submit trials until about two tasks per slot of this grid's share are in flight: the trials
         for every free place claimed at once."""
+        self._take_later()
         depth = max(1, 2 * self.slots // max(1, self.runner.share()))
         # MLflow child runs are made on the MLflow thread a few trials ahead: the loop only submits.
         self.runner._want(self.spec, self.grid_id, ready=self.todo[:2 * depth])

@@ -422,6 +422,7 @@ class Tracker:
     def discard(self, run_id: str) -> None:
         """A child run made for a trial that another driver's run already holds."""
         self.client.delete_run(run_id)
+        self._artifact_uris.pop(run_id, None)
 
     def child_runs(self, name: str, parent_run_id: str) -> dict[str, list[str]]:
         """{trial key: its run ids} of the parent's child runs (one search, paged). A trial has more than one
@@ -480,11 +481,12 @@ class Tracker:
         found = checkpoints(folder)
         files = ([(result_file, None)] if result_file.exists() else []) + (
             [(found[0], "checkpoint")] if found and found[0].stat().st_size <= ARTIFACT_CAP_BYTES else [])
+        uri = self._artifact_uris.pop(run_id, None)  # the run's last use of it (kept, 10,000 runs' worth piled up)
         if not files:
             return
-        if run_id in self._artifact_uris:  # made here: its artifact location is known without asking the server
+        if uri is not None:  # made here: its artifact location is known without asking the server
             from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-            repo = get_artifact_repository(self._artifact_uris.pop(run_id), tracking_uri=self.uri)
+            repo = get_artifact_repository(uri, tracking_uri=self.uri)
             for path, folder_in_run in files:
                 repo.log_artifact(str(path), folder_in_run)
         else:

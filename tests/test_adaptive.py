@@ -232,6 +232,7 @@ def test_a_stored_plan_goes_on_after_an_interruption_and_never_tests_a_look_twic
     assert third.code == 0 and third.json["executed"] == 0 and looks_table(ablate_home) == after
     row = next(r for r in third.json["comparison"]["rows"] if r["variant"] == "full_preact")
     assert row["decision"] == decision["decision"] and row["p_holm"] is None
+    assert third.json["comparison"]["design"] == "paired"   # the plan's looks are paired: so is what the table says
     assert row["sequential"]["look"] == decision["look"] and row["sequential"]["looks"] == 2
     assert row["sequential"]["alpha_spent"] == pytest.approx(after[-1]["alpha_spent"])
     from mlflow.tracking import MlflowClient

@@ -351,6 +351,30 @@ def instant_trial(task: dict) -> dict:
             "iterations": 40}
 
 
+def test_a_large_new_grid_runs_its_first_trials_while_the_rest_are_recorded(ablate_home, local_ray,
+                                                                           monkeypatch):
+    """A new grid past FIRST_RECORDED trials starts on its first ones and records the rest beside the loop: here
+    the rest is recorded only once a first trial has ended, which a loop waiting for it would never see."""
+    monkeypatch.setattr(scheduler, "FIRST_RECORDED", 2)
+    spec = load_grid({**SMOKE, "name": "recorded-later", "seeds": 3})
+    runner = GridRunner(store=StateStore(), tracker=Tracker("http://127.0.0.1:9"), trial_fn=instant_trial,
+                        progress=False)
+    register, recorded = runner._register, []
+
+    def record(spec_, grid_id, trials):
+        recorded.append(len(trials))
+        if len(recorded) == 2:
+            assert wait_for(lambda: runner.store.counts(grid_id)["finished"] >= 1, timeout=120)
+        register(spec_, grid_id, trials)
+    runner._register = record
+    out = runner.run(spec, sync_timeout_s=0)
+    assert recorded == [2, 4]
+    assert (out["trials"], out["executed"], out["counts"]["finished"]) == (6, 6, 6)
+
+    again = runner.run(spec, sync_timeout_s=0)   # a grid seen before is recorded whole, and nothing runs twice
+    assert recorded == [2, 4, 6] and (again["trials"], again["executed"], again["reused"]) == (6, 0, 6)
+
+
 def test_mlflow_down_delays_the_runs_never_the_trials_and_the_runs_catch_up(ablate_home, local_ray,
                                                                             mlflow_server):
     """The state store's record is the truth: with MLflow unreachable the grid still runs to the end and says

@@ -108,12 +108,12 @@ class BaseStateStore(ABC):
                       .on_conflict_do_update(index_elements=["id"], set_={"spec": json.dumps(spec),
                                                                           "cancelled": False}))
             for chunk in _chunks(keys):
-                s.execute(insert(TrialRow.__table__).on_conflict_do_nothing(), [
+                _insert_new(s, TrialRow.__table__, [
                     {"key": k, "config": keyed[k].config.model_dump_json(), "status": "queued", "attempts": 0,
                      "updated_at": now} for k in chunk])
                 s.execute(update(TrialRow).where(TrialRow.key.in_(chunk), TrialRow.status.in_(("error", "cancelled")))
                           .values(status="queued", attempts=0, error=None, updated_at=now, mlflow_synced=False))
-                s.execute(insert(GridTrialRow.__table__).on_conflict_do_nothing(), [
+                _insert_new(s, GridTrialRow.__table__, [
                     {"grid_id": grid_id, "trial_key": k, "dataset": keyed[k].dataset, "depth": keyed[k].depth,
                      "variant": keyed[k].variant, "seed": keyed[k].seed} for k in chunk])
 
@@ -192,16 +192,18 @@ class BaseStateStore(ABC):
 
     def grid_trials(self, grid_id: str, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """The grid's trials (or those of `keys`) with their labels, state and result."""
-        query = (select(GridTrialRow, TrialRow).join(TrialRow, TrialRow.key == GridTrialRow.trial_key)
-                 .where(GridTrialRow.grid_id == grid_id))
+        # Columns, not ORM objects: a driver reads every trial of its grid before the first one starts, and
+        # loading 10,000 pairs of entities took 0.6 s of that.
+        query = (select(TrialRow.key, GridTrialRow.dataset, GridTrialRow.depth, GridTrialRow.variant,
+                        GridTrialRow.seed, TrialRow.status, TrialRow.attempts, TrialRow.test_error,
+                        TrialRow.train_loss, TrialRow.error, TrialRow.mlflow_run_id, TrialRow.mlflow_synced,
+                        TrialRow.result, TrialRow.config)
+                 .join(TrialRow, TrialRow.key == GridTrialRow.trial_key).where(GridTrialRow.grid_id == grid_id))
         if keys is not None:
             query = query.where(GridTrialRow.trial_key.in_(list(keys)))
         with self.snapshot() as s:
-            rows = s.execute(query).all()
-        return [{"key": t.key, "dataset": gt.dataset, "depth": gt.depth, "variant": gt.variant, "seed": gt.seed,
-                 "status": t.status, "attempts": t.attempts, "test_error": t.test_error, "train_loss": t.train_loss,
-                 "error": t.error, "mlflow_run_id": t.mlflow_run_id, "mlflow_synced": t.mlflow_synced,
-                 "result": json.loads(t.result) if t.result else None, "config": t.config} for gt, t in rows]
+            rows = s.execute(query).mappings().all()
+        return [{**row, "result": json.loads(row["result"]) if row["result"] else None} for row in rows]
 
     def results_table(self, grid_id: str):
         """The grid's results as a pyarrow Table in one query: the fast read path of the tables."""
@@ -415,6 +417,23 @@ class BaseStateStore(ABC):
         for r in rows:
             looks.setdefault(r.look, {})[(r.dataset, r.depth, r.variant)] = {k: getattr(r, k) for k in LOOK_FIELDS}
         return [looks[k] for k in sorted(looks)]
+
+
+def _insert_new(s: Session, table, rows: list[dict[str, Any]]) -> None:
+    """Insert the rows whose primary key is not there yet.
+
+    On PostgreSQL as one statement over arrays (`INSERT … SELECT unnest(…) ON CONFLICT DO NOTHING`): psycopg2
+    runs an executemany as a statement per row, and SQLAlchemy's batching does not take ON CONFLICT, which
+    made recording a 10,000-trial grid take 3.4 s before its first trial could start (0.3 s this way)."""
+    if not rows:
+        return
+    if s.get_bind().dialect.name != "postgresql":
+        s.execute(sqlite.insert(table).on_conflict_do_nothing(), rows)  # sqlite3's executemany is one C loop
+        return
+    names = list(rows[0])
+    columns = [func.unnest(bindparam(f"col_{i}", [r[n] for r in rows], type_=postgresql.ARRAY(table.c[n].type)))
+               for i, n in enumerate(names)]
+    s.execute(postgresql.insert(table).from_select(names, select(*columns)).on_conflict_do_nothing())
 
 
 def _chunks(items: list, size: int = CHUNK):
