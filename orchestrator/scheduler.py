@@ -447,8 +447,8 @@ class GridRunner:
         if interrupted:
             raise GridInterrupted(grid_id)
         return {"grid": grid_id, "name": spec.name, "trials": len(grid.rows), "executed": grid.executed,
-                "reused": reused + grid.reused_later, "cancelled": grid.cancelled, "counts": counts, "mlflow_unsynced": unsynced,
-                "tracking_uri": self.tracker.uri, "mlflow_run_id": parent,
+                "reused": reused + grid.reused_later, "cancelled": grid.cancelled, "counts": counts,
+                "mlflow_unsynced": unsynced, "tracking_uri": self.tracker.uri, "mlflow_run_id": parent,
                 "mlflow_experiment_id": self.tracker.known_experiment(spec.name)}
 
     def _close_mlflow(self, spec: GridSpec, grid_id: str, counts: dict[str, int], sync_timeout_s: float,
@@ -514,14 +514,10 @@ class _GridPass:
     def add_later(self, record: Callable[[], list[dict[str, Any]]]) -> None:
         """Run `record` (which records more of the grid's trials and returns their rows) on a thread of its own;
         the loop takes its trials on when it is done."""
-        self.later = Future()
-
-        def work() -> None:
-            try:
-                self.later.set_result(record())
-            except BaseException as exc:  # raised again in the loop, as the store's errors are
-                self.later.set_exception(exc)
-        threading.Thread(target=work, name="ablate-record", daemon=True).start()
+        # its errors are raised again in the loop by `result()`, as the store's own are
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablate-record")
+        self.later = pool.submit(record)
+        pool.shutdown(wait=False)
 
     def _take_later(self) -> None:
         if self.later is None or not self.later.done():

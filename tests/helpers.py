@@ -1,6 +1,8 @@
 """Shared test helpers: run the real `ablate` command line in a subprocess."""
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
 import shutil
@@ -55,16 +57,58 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def render_in_browser(url: str, screenshot: Path, run_ms: int | None = None, size: str = "1280,2400") -> str:
-    """The DOM after the page ran, as headless Chromium serialises it, and a screenshot of that same moment.
-    `run_ms`: virtual time the page gets to run first (a single-page app fetching its data), instead of stopping
-    at its load event."""
-    profile = tempfile.mkdtemp()
+def render_in_browser(url: str, screenshot: Path, until: str = "document.readyState === 'complete'",
+                      timeout: float = 150.0, size: str = "1280,2400") -> str:
+    """The DOM once the page shows what the test waits for, and a screenshot of that same moment.
+
+    `until` is a JavaScript expression polled in the page over Chromium's DevTools protocol until it is true, so a
+    single-page app (the MLflow UI) is read when it has drawn its data, however long its fetches take on a loaded
+    machine. After `timeout` seconds the page is returned as it stands, for the test's assertion to report."""
+    return asyncio.run(_render(url, screenshot, until, timeout, size))
+
+
+async def _render(url: str, screenshot: Path, until: str, timeout: float, size: str) -> str:
+    import aiohttp  # Ray's own dependency; used here only as a DevTools client
+
+    profile = Path(tempfile.mkdtemp())
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", f"--window-size={size}",
-             *([f"--virtual-time-budget={run_ms}"] if run_ms else [])]
-    dom = subprocess.run([chromium(), *flags, f"--screenshot={screenshot}", "--dump-dom", url], capture_output=True,
-                         text=True, timeout=180)
-    shutil.rmtree(profile, ignore_errors=True)
-    return dom.stdout
+             "--remote-debugging-port=0", "--remote-allow-origins=*", f"--user-data-dir={profile}",
+             f"--window-size={size}", "about:blank"]
+    browser = subprocess.Popen([chromium(), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Chromium writes the port it chose into the profile once it listens
+        port_file = profile / "DevToolsActivePort"
+        assert wait_for(lambda: port_file.exists() and port_file.read_text().count("\n") >= 1, 60, 0.05), \
+            "Chromium did not open its DevTools port"
+        port = int(port_file.read_text().split()[0])
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/json/list") as r:
+                target = next(t for t in await r.json() if t["type"] == "page")
+            async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                ids = iter(range(1, 1 << 30))
+
+                async def call(method: str, **params):
+                    n = next(ids)
+                    await ws.send_json({"id": n, "method": method, "params": params})
+                    while True:  # events arrive between replies; skip them
+                        msg = await ws.receive_json()
+                        if msg.get("id") == n:
+                            return msg.get("result", {})
+
+                async def evaluate(expression: str):
+                    out = await call("Runtime.evaluate", expression=expression, returnByValue=True)
+                    return out.get("result", {}).get("value")
+
+                await call("Page.navigate", url=url)
+                deadline = time.monotonic() + timeout
+                while not await evaluate(f"Boolean({until})") and time.monotonic() < deadline:
+                    await asyncio.sleep(0.25)
+                dom = await evaluate("document.documentElement.outerHTML")
+                shot = await call("Page.captureScreenshot", format="png")
+                screenshot.write_bytes(base64.b64decode(shot["data"]))
+                return dom or ""
+    finally:
+        browser.kill()
+        browser.wait()
+        shutil.rmtree(profile, ignore_errors=True)

@@ -217,19 +217,25 @@ def test_the_mlflow_ui_opens_on_the_runs_with_the_comparison_and_live_charts(wat
     ARTIFACTS.mkdir(exist_ok=True)
     base, experiment, parent = mlflow_server.uri, out["mlflow_experiment_id"], out["mlflow_run_id"]
 
-    page = render_in_browser(ui_url(base, experiment), ARTIFACTS / "mlflow-runs.png", run_ms=20000, size="1600,1000")
+    def shows(*texts: str) -> str:  # a page condition: the page's text holds all of these
+        return " && ".join(f"document.body.innerText.includes({json.dumps(t)})" for t in texts)
+
+    page = render_in_browser(ui_url(base, experiment), ARTIFACTS / "mlflow-runs.png",
+                             until=shows("matching runs", "Run Name", spec.name), size="1600,1000")
     text = re.sub(r"<[^>]+>", " ", page)
     assert "matching runs" in text and "Run Name" in text and spec.name in text  # the runs table
     assert "Detect Issues" not in text and "No data available" not in text  # not the GenAI traces overview
 
     page = render_in_browser(f"{base}/#/experiments/{experiment}/runs/{parent}?workflowType=machine_learning",
-                             ARTIFACTS / "mlflow-parent.png", run_ms=20000, size="1600,1400")
+                             ARTIFACTS / "mlflow-parent.png",
+                             until=shows("Reading the comparison", "ablate.progress"), size="1600,1400")
     text = re.sub(r"<[^>]+>", " ", page)
     assert f"Ablate grid {spec.name}" in re.sub(r"\s+", " ", text) and "Reading the comparison" in text
     assert "ablate.state" in text and "ablate.progress" in text
 
     page = render_in_browser(f"{base}/#/experiments/{experiment}/runs/{parent}/artifacts/comparison.json"
-                             "?workflowType=machine_learning", ARTIFACTS / "mlflow-parent-table.png", run_ms=20000,
+                             "?workflowType=machine_learning", ARTIFACTS / "mlflow-parent-table.png",
+                             until=shows("View as table") + " && document.querySelector('[role=cell]') !== null",
                              size="1600,1000")
     roles = _Roles(page)
     rows = table_artifact(MlflowClient(base), parent, "comparison.json")
@@ -243,10 +249,9 @@ def test_the_mlflow_ui_opens_on_the_runs_with_the_comparison_and_live_charts(wat
 
     child = MlflowClient(base).get_run(next(iter(seen)))
     url = f"{base}/#/experiments/{experiment}/runs/{child.info.run_id}/model-metrics?workflowType=machine_learning"
-    for run_ms in (60000, 120000):  # the UI draws its charts after tens of seconds of (virtual) time
-        page = render_in_browser(url, ARTIFACTS / "mlflow-child-metrics.png", run_ms=run_ms, size="1600,1000")
-        if 'class="main-svg"' in page:
-            break
+    legends = [f"{child.info.run_name} ({metric})" for metric in ("train_loss", "test_error", "lr")]
+    page = render_in_browser(url, ARTIFACTS / "mlflow-child-metrics.png", size="1600,1000",
+                             until=shows(*legends) + " && document.querySelectorAll('svg.main-svg').length >= 6")
     for metric in ("train_loss", "test_error", "lr"):
         assert f"{child.info.run_name} ({metric})</span>" in page  # each chart's legend: the run and its metric
     assert page.count('class="main-svg"') >= 6  # the charts drawn (plotly: two SVG layers per chart)
