@@ -69,21 +69,23 @@ TRIAL_S = 1.0  # the placeholder's sleep; `drive` sets it from --trial-s before 
 
 def placeholder_trial(task: dict) -> dict:
     """A trial that only takes time, kept like a real one: a result.json in its checkpoint folder is its
-    record, so a trial that ended before its driver died is not run again (workers/trainer.py does the same)."""
+    record, written whole or not at all, so a trial that ended before its driver died is not run again
+    (workers/trainer.py does the same)."""
+    from workers.checkpoint import write_result
     folder = Path(task["checkpoint_dir"])
     done = folder / "result.json"
     if done.exists():
         return json.loads(done.read_text())
     began, start = time.time(), time.perf_counter()
     time.sleep(TRIAL_S)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "completions", "a") as log:  # the fault run counts whole executions per trial
-        log.write(f"{os.getpid()}\n")
     result = {"status": "finished", "test_error": 50.0, "train_loss": 1.0, "train_error": 50.0, "history": [],
               "iterations": 1, "resumed_from": None, "took": time.perf_counter() - start, "began": began,
               "ended": time.time()}
     folder.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(result))
+    write_result(folder, result)
+    # after its record: the fault run counts the executions that ended in one, per trial
+    with open(folder / "completions", "a") as log:
+        log.write(f"{os.getpid()}\n")
     return result
 
 

@@ -1,6 +1,7 @@
 """The trial loop: recipes, determinism, exact resume after SIGKILL, divergence, bad checkpoints."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -229,6 +230,28 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
 def test_a_finished_trial_returns_its_stored_result(tmp_path):
     first = run_trial(tiny_trial(0), checkpoint_dir=tmp_path, threads=1)
     assert run_trial(tiny_trial(0), checkpoint_dir=tmp_path, threads=1) == first
+
+
+def test_a_result_cut_short_by_a_kill_is_never_left_truncated(tmp_path, monkeypatch):
+    """A worker killed while writing result.json (its driver SIGKILLed) leaves no record rather than a truncated
+    one; the trial then resumes from its last checkpoint to the same result."""
+    first = run_trial(tiny_trial(0), checkpoint_dir=tmp_path, threads=1)
+    (tmp_path / "result.json").unlink()
+    real_replace = os.replace
+
+    def killed_at_the_result(src, dst):
+        if os.path.basename(dst) == "result.json":
+            raise SystemExit("killed")  # the bytes are written, the record not yet in place
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", killed_at_the_result)
+    with pytest.raises(SystemExit):
+        run_trial(tiny_trial(0), checkpoint_dir=tmp_path, threads=1)
+    assert not (tmp_path / "result.json").exists()
+    monkeypatch.undo()
+    again = run_trial(tiny_trial(0), checkpoint_dir=tmp_path, threads=1)
+    assert again["resumed_from"] == 40 and (again["test_error"], again["train_loss"]) == (
+        first["test_error"], first["train_loss"])
+    assert json.loads((tmp_path / "result.json").read_text())["test_error"] == first["test_error"]
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):

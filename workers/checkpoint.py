@@ -92,6 +92,18 @@ def readable(folder: Path, config: dict[str, Any], device: torch.device) -> Iter
         yield state
 
 
+def write_result(folder: Path, result: dict[str, Any]) -> None:
+    """result.json, whole or not at all: a worker killed while writing it (its driver SIGKILLed) must not leave a
+    truncated record, which would make the finished trial train again."""
+    tmp = folder / ".result.json.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(result, indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / "result.json")
+    _fsync_dir(folder)
+
+
 def stored_result(folder: Path | None, config: dict[str, Any]) -> dict[str, Any] | None:
     """The result.json a previous attempt wrote for this configuration when it ended (finished or
     diverged): such a trial is not trained again."""

@@ -33,7 +33,6 @@ Throughput is images over the wall time of the same window, evaluations and chec
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
@@ -48,7 +47,7 @@ from ablations import ModelSpec, build_model, count_macs
 from ablations.resnet import join_states, split_state
 from ablations.spec import dataset_model_fields
 
-from .checkpoint import checkpoints, prepare_dir, readable, save_checkpoint, stored_result
+from .checkpoint import checkpoints, prepare_dir, readable, save_checkpoint, stored_result, write_result
 from .config import TrialConfig
 from .data import STREAMED, DataError, Dataset, load_dataset
 from .fused import check_group, freeze, fused_model, join_optimizers, split_optimizer
@@ -592,5 +591,5 @@ class _Loop:
         }
         folder = self.folders[i]
         if folder is not None and self.writes:
-            (folder / "result.json").write_text(json.dumps(result, indent=1))
+            write_result(folder, result)
         return result
