@@ -14,7 +14,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
 from ablations.vocabulary import MEASURED
 
@@ -51,16 +51,22 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(folder: Path, iteration: int, state: dict[str, Any]) -> Path:
-    final = folder / f"ckpt-{iteration:09d}.pt"
-    tmp = folder / f".ckpt-{iteration:09d}.pt.tmp"
-    import torch
+def _write_whole(final: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """`final` whole or not at all: written to a temporary file beside it, synced, then moved in place, so a
+    worker killed while writing (its driver SIGKILLed) never leaves a truncated file under the final name."""
+    tmp = final.with_name(f".{final.name}.tmp")
     with open(tmp, "wb") as fh:
-        torch.save({**state, "iteration": iteration}, fh)
+        write(fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, final)
-    _fsync_dir(folder)
+    _fsync_dir(final.parent)
+
+
+def save_checkpoint(folder: Path, iteration: int, state: dict[str, Any]) -> Path:
+    final = folder / f"ckpt-{iteration:09d}.pt"
+    import torch
+    _write_whole(final, lambda fh: torch.save({**state, "iteration": iteration}, fh))
     for old in checkpoints(folder)[KEEP:]:
         old.unlink(missing_ok=True)
     return final
@@ -93,15 +99,8 @@ def readable(folder: Path, config: dict[str, Any], device: torch.device) -> Iter
 
 
 def write_result(folder: Path, result: dict[str, Any]) -> None:
-    """result.json, whole or not at all: a worker killed while writing it (its driver SIGKILLed) must not leave a
-    truncated record, which would make the finished trial train again."""
-    tmp = folder / ".result.json.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(result, indent=1))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / "result.json")
-    _fsync_dir(folder)
+    """result.json, whole or not at all: a truncated record would make the finished trial train again."""
+    _write_whole(folder / "result.json", lambda fh: fh.write(json.dumps(result, indent=1).encode()))
 
 
 def stored_result(folder: Path | None, config: dict[str, Any]) -> dict[str, Any] | None:
